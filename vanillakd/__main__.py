@@ -1,0 +1,32 @@
+"""``vanillakd <command> ...``: one console command for every entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import run_cli
+
+COMMANDS = {
+    "train-kd": ("vanillakd.cli.train_kd", "logit distillation (the repository's train-kd.py)"),
+    "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
+    "prepare": ("vanillakd.cli.prepare", "write a dataset as an ImageFolder (fashion-mnist)"),
+    "demo": ("vanillakd.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: vanillakd <command> [args]\n\ncommands:\n{lines}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"vanillakd: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
+    return run_cli(module.main, argv[1:], prog=f"vanillakd {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

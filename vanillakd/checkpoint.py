@@ -1,0 +1,162 @@
+"""Checkpoint files: crash-safe writes and safe, explained loading.
+
+Every file we write holds only tensors and plain containers, so it loads with ``weights_only=True``;
+files from elsewhere that need pickled code are refused with a one-line explanation.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# where trained weights sit inside a checkpoint dict, in order of preference
+_STATE_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema")
+_EMA_STATE_KEYS = ("state_dict_ema", "model_ema")
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Write through ``write_fn(file)`` into a temp file beside ``path``, fsync, then rename over it.
+
+    A crash or a full disk leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path}: {e.strerror or e}") from None
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` made crash-safe (see ``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
+    """Load a checkpoint file (PyTorch or safetensors) on the CPU, refusing pickled code unless ``trust``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint {path} is not a valid safetensors file: {e}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"checkpoint {path} contains pickled Python objects that could run code; refusing to "
+                            "load it (re-save it as a plain state_dict, or pass --trust-checkpoint if you trust "
+                            "its source)") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere inside the unpickler
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+
+
+def extract_state_dict(ckpt: Any, use_ema: bool = False, path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights in a raw state_dict or a dict holding one (``state_dict``, ``model``, ...).
+
+    ``module.`` prefixes left by DDP / DataParallel are stripped.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise UserError(f"{path} does not hold a state_dict (found {type(ckpt).__name__})")
+    state = None
+    keys = (_EMA_STATE_KEYS + _STATE_KEYS) if use_ema else _STATE_KEYS
+    for key in keys:
+        if isinstance(ckpt.get(key), Mapping):
+            state = ckpt[key]
+            break
+    if state is None:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            state = ckpt
+        else:
+            raise UserError(f"{path} holds no model weights (looked for a raw state_dict or the keys "
+                            f"{', '.join(_STATE_KEYS)})")
+    out = OrderedDict()
+    for k, v in state.items():
+        out[k[7:] if k.startswith("module.") else k] = v
+    return out
+
+
+def _classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(classes in the file, classes in the model) when the classifier weights disagree."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    model_state = model.state_dict()
+    for name in names:
+        key = f"{name}.weight"
+        if key in state and key in model_state and state[key].shape[0] != model_state[key].shape[0]:
+            return state[key].shape[0], model_state[key].shape[0]
+    return None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, what: str = "model", use_ema: bool = False,
+                 trust: bool = False) -> None:
+    """Load a checkpoint into ``model`` strictly, explaining any mismatch in one line."""
+    state = extract_state_dict(load_file(path, trust=trust), use_ema=use_ema, path=path)
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    classes = _classifier_classes(model, state)
+    if classes is not None:
+        raise UserError(f"{what} checkpoint {path} has a {classes[0]}-class head but the {what} is built with "
+                        f"{classes[1]} classes (--num-classes / the dataset)")
+    model_state = model.state_dict()
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
+                         f"model {tuple(model_state[k].shape)})")
+        raise UserError(f"{what} checkpoint {path} does not fit architecture {arch}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def plain(obj: Any) -> Any:
+    """Args and metrics as plain Python containers, so checkpoints load with ``weights_only=True``."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)

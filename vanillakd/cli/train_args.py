@@ -1,0 +1,257 @@
+"""The training scripts' command line: the seed's train-kd flags (an old timm train.py plus KD flags)
+with their meaning and defaults, and timm's other usual training flags.
+
+Flags listed in ``LIST_FLAGS`` take one or N values: N settings train N students from one teacher pass.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+import yaml
+
+from ..errors import UserError
+
+# flags that may hold one value per student (single values are shared by all students)
+LIST_FLAGS = ("model", "kd_loss", "kd_loss_weight", "ori_loss_weight", "opt", "clip_grad", "lr", "weight_decay",
+              "drop", "drop_path", "model_ema_decay", "smoothing", "bce_loss")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with code 2 and one line, as every other user error does."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def check(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    check.__name__ = kind.__name__
+    return check
+
+
+pos_int, pos_float = _positive(int), _positive(float)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Dataset")
+    g.add_argument("data_dir", metavar="DIR", help="ImageFolder root with train/ and val/ class folders")
+    g.add_argument("--dataset", default="", help="dataset type (only ImageFolder, the default, is supported)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation", help="val split; 'validation' also finds val/ or eval/")
+    g.add_argument("--class-map", default="", help="file mapping folder names to class indices")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Model")
+    g.add_argument("--model", default=["resnet50"], nargs="+", help="student architecture(s), timm names")
+    g.add_argument("--pretrained", action="store_true", help="start the student from timm's pretrained weights")
+    g.add_argument("--initial-checkpoint", default="", help="start the student from this checkpoint")
+    g.add_argument("--num-classes", type=pos_int, default=None, help="defaults to the number of class folders")
+    g.add_argument("--gp", default=None, help="global pool type override")
+    g.add_argument("--img-size", type=pos_int, default=None)
+    g.add_argument("--in-chans", type=pos_int, default=None)
+    g.add_argument("--input-size", default=None, nargs=3, type=pos_int, metavar="N", help="C H W")
+    g.add_argument("--crop-pct", type=pos_float, default=None, help="validation center-crop fraction")
+    g.add_argument("--mean", type=float, nargs="+", default=None)
+    g.add_argument("--std", type=float, nargs="+", default=None)
+    g.add_argument("--interpolation", default="")
+    g.add_argument("-b", "--batch-size", type=pos_int, default=128, help="per-process batch size")
+    g.add_argument("-vb", "--validation-batch-size", type=pos_int, default=None)
+    g.add_argument("--channels-last", action="store_true")
+
+
+def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
+    g = p.add_argument_group("Distillation")
+    g.add_argument("--teacher", default="beitv2_base_patch16_224", help="teacher architecture (timm name)")
+    g.add_argument("--teacher-pretrained", default=None,
+                   help="teacher weights file; without it timm's pretrained weights are fetched")
+    g.add_argument("--teacher-resize", type=pos_int, default=None, help="resize the batch to this for the teacher")
+    g.add_argument("--student-resize", type=pos_int, default=None, help="resize the batch to this for the student")
+    g.add_argument("--kd-loss", default=[default_loss], nargs="+", help="distillation method(s) by name")
+    g.add_argument("--kd-loss-weight", type=float, default=[1.0], nargs="+")
+    g.add_argument("--ori-loss-weight", type=float, default=[1.0], nargs="+")
+    g.add_argument("--temperature", type=pos_float, default=1.0, help="KD / DKD temperature, DIST tau")
+    g.add_argument("--dkd-alpha", type=float, default=1.0)
+    g.add_argument("--dkd-beta", type=float, default=2.0)
+    g.add_argument("--dist-beta", type=float, default=1.0)
+    g.add_argument("--dist-gamma", type=float, default=1.0)
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need pickled Python code (only for files you trust)")
+
+
+def add_optim_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Optimizer")
+    g.add_argument("--opt", default=["sgd"], nargs="+")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=[2e-5], nargs="+")
+    g.add_argument("--clip-grad", type=float, default=[None], nargs="+")
+    g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
+    g.add_argument("--layer-decay", type=float, default=None)
+    g = p.add_argument_group("Learning rate schedule")
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true", help="step the schedule per update, not per epoch")
+    g.add_argument("--lr", type=pos_float, default=[0.05], nargs="+")
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None)
+    g.add_argument("--lr-noise-pct", type=float, default=0.67)
+    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--lr-cycle-mul", type=float, default=1.0)
+    g.add_argument("--lr-cycle-decay", type=float, default=0.5)
+    g.add_argument("--lr-cycle-limit", type=int, default=1)
+    g.add_argument("--lr-k-decay", type=float, default=1.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=1e-6)
+    g.add_argument("--epochs", type=pos_int, default=300)
+    g.add_argument("--start-epoch", type=int, default=None)
+    g.add_argument("--decay-epochs", type=float, default=100)
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    g.add_argument("--warmup-epochs", type=int, default=3)
+    g.add_argument("--warmup-prefix", action="store_true")
+    g.add_argument("--cooldown-epochs", type=int, default=0,
+                   help="extra epochs at --min-lr after the schedule (timm 0.6 and the seed used 10)")
+    g.add_argument("--patience-epochs", type=int, default=10)
+    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+
+def add_aug_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Augmentation and regularization")
+    g.add_argument("--no-aug", action="store_true")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
+    g.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--vflip", type=float, default=0.0)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", default=None, help="auto-augment policy, e.g. rand-m7-mstd0.5")
+    g.add_argument("--aug-repeats", type=int, default=0, help="repeated-augmentation count (0 = off)")
+    g.add_argument("--bce-loss", type=int, default=[0], nargs="+", help="1: binary cross-entropy base loss")
+    g.add_argument("--bce-target-thresh", type=float, default=None)
+    g.add_argument("--reprob", type=float, default=0.0)
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.0)
+    g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
+    g.add_argument("--mixup-off-epoch", type=int, default=0)
+    g.add_argument("--smoothing", type=float, default=[0.1], nargs="+")
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--drop", type=float, default=[0.0], nargs="+")
+    g.add_argument("--drop-path", type=float, default=[None], nargs="+")
+    g.add_argument("--drop-block", type=float, default=None)
+    g.add_argument("--bn-momentum", type=float, default=None)
+    g.add_argument("--bn-eps", type=float, default=None)
+    g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
+    g.add_argument("--model-ema-force-cpu", action="store_true")
+    g.add_argument("--model-ema-decay", type=float, default=[0.9998], nargs="+")
+
+
+def add_misc_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Misc")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--worker-seeding", default="all")
+    g.add_argument("--log-interval", type=pos_int, default=50, help="steps between log lines (host syncs)")
+    g.add_argument("--checkpoint-hist", type=int, default=10)
+    g.add_argument("-j", "--workers", type=int, default=4)
+    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported)")
+    g.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument("--output", default="", help="root folder of outputs (default ./output/train)")
+    g.add_argument("--experiment", default="", help="name of the run's sub-folder")
+    g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"])
+    g.add_argument("--eval-interval", type=pos_int, default=1, help="evaluate after epochs e with e %% N == 0")
+    g.add_argument("--eval-interval-end", type=float, default=0.75,
+                   help="and after every epoch e > this fraction of --epochs")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for logs)")
+    g.add_argument("--max-train-steps", type=int, default=None,
+                   help="stop each epoch after this many steps (smoke tests, benchmarks)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=0,
+                   help="set by torch.distributed.launch")
+
+
+def build_train_parser(prog: str, description: str, default_loss: str = "kd") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of flag defaults")
+    add_data_args(p)
+    add_model_args(p)
+    add_kd_args(p, default_loss)
+    add_optim_args(p)
+    add_aug_args(p)
+    add_misc_args(p)
+    return p
+
+
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Use a YAML file's keys as flag defaults (as timm does), rejecting unknown keys and bad types."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--config {path} must be a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise UserError(f"--config {path}: unknown key {key!r}")
+        action = actions[dest]
+        if value is not None and action.type is not None:
+            values = value if isinstance(value, list) else [value]
+            if action.nargs is None and isinstance(value, list):
+                raise UserError(f"--config {path}: {key} takes one value, got a list")
+            try:
+                values = [action.type(str(v)) if not isinstance(v, bool) else v for v in values]
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise UserError(f"--config {path}: bad value for {key}: {value!r} ({e})") from None
+            value = values if action.nargs is not None else values[0]
+        elif action.nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+
+
+def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv, with ``--config`` YAML values as defaults that explicit flags override."""
+    config_parser = _Parser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        _apply_config(parser, known.config)
+    args = parser.parse_args(argv)
+    check_list_lengths(args)
+    return args
+
+
+def check_list_lengths(args: argparse.Namespace) -> int:
+    """Number of settings N; every list-valued flag must hold 1 or N values."""
+    lengths = {name: len(getattr(args, name)) for name in LIST_FLAGS if isinstance(getattr(args, name, None), list)}
+    n = max(lengths.values(), default=1)
+    bad = {k: v for k, v in lengths.items() if v not in (1, n)}
+    if bad:
+        flags = ", ".join(f"--{k.replace('_', '-')} has {v}" for k, v in sorted(lengths.items()) if v > 1)
+        raise UserError(f"list-valued flags have different lengths ({flags}); give each 1 value or the same number")
+    return n
+
+
+def setting(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """The values of the list-valued flags for setting ``index`` (single values are shared)."""
+    out = {}
+    for name in LIST_FLAGS:
+        values = getattr(args, name, None)
+        if isinstance(values, list):
+            out[name] = values[index] if len(values) > 1 else values[0]
+    return out

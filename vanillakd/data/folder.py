@@ -1,0 +1,94 @@
+"""ImageFolder datasets (``DIR/train/<class>/...``, ``DIR/val/<class>/...``) through timm, checked up front.
+
+timm silently drops class folders without images and builds its class list from the files it finds, so a
+missing class would shift every label after it; we compare against the folder listing instead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from timm.data import create_dataset
+from timm.data.readers.class_map import load_class_map
+
+from ..errors import UserError
+
+VAL_SPLIT_NAMES = ("val", "validation", "eval", "evaluation", "test")
+
+
+def find_split(root: Path, split: str) -> Path:
+    """The folder of ``split`` below ``root``; 'validation' also matches val/, eval/ ... as timm does."""
+    candidates = [split] + (list(VAL_SPLIT_NAMES) if split in VAL_SPLIT_NAMES else [])
+    for name in candidates:
+        if (root / name).is_dir():
+            return root / name
+    tried = " or ".join(f"{root / n}" for n in dict.fromkeys(candidates))
+    raise UserError(f"split {split!r} missing: no folder {tried}")
+
+
+def check_data_root(data_dir: str | os.PathLike) -> Path:
+    root = Path(data_dir)
+    if not root.exists():
+        raise UserError(f"data dir {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data dir {root} is not a folder")
+    return root
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+@dataclass
+class SplitDataset:
+    dataset: object  # timm ImageDataset
+    root: Path
+    classes: list[str]
+
+
+def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> SplitDataset:
+    """A timm ImageDataset for one split, after checking it has class folders and images in each."""
+    folders = class_folders(split_dir)
+    if not folders:
+        raise UserError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image files>)")
+    cmap = load_class_map(class_map) if class_map else ""
+    try:
+        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap)
+    except RuntimeError as e:
+        if "Found 0 images" not in str(e):
+            raise
+        ds = None
+    if ds is None or len(ds) == 0:
+        raise UserError(f"no images found in {split_dir} (looked in {len(folders)} class folders)")
+    reader = ds.reader
+    found = set(reader.class_to_idx)
+    empty = [c for c in folders if c not in found and (not cmap or c in cmap)]
+    if empty:
+        raise UserError(f"class folder {split_dir / empty[0]} has no images"
+                        + (f" ({len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""))
+    classes = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
+    return SplitDataset(ds, split_dir, classes)
+
+
+def build_train_val(data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "validation",
+                    class_map: str = "", num_classes: int | None = None) -> tuple[SplitDataset, SplitDataset, int]:
+    """Train and val datasets with identical class lists, and the number of classes."""
+    root = check_data_root(data_dir)
+    train = build_split(find_split(root, train_split), is_training=True, class_map=class_map)
+    val = build_split(find_split(root, val_split), is_training=False, class_map=class_map)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        detail = (f"only in {train.root.name}: {only_train[:5]}" if only_train else "") + \
+                 ("; " if only_train and only_val else "") + \
+                 (f"only in {val.root.name}: {only_val[:5]}" if only_val else "")
+        raise UserError(f"train and val class lists differ ({detail or 'different order'})")
+    n = len(train.classes)
+    if num_classes is not None and num_classes != n:
+        raise UserError(f"--num-classes {num_classes} disagrees with the data: {train.root} has {n} classes")
+    return train, val, n
+
+
+def build_eval_split(data_dir: str | os.PathLike, split: str = "validation", class_map: str = "") -> SplitDataset:
+    return build_split(find_split(check_data_root(data_dir), split), is_training=False, class_map=class_map)

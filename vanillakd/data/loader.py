@@ -1,0 +1,79 @@
+"""Train / eval loaders from timm's transforms, collate, mixup and GPU-style prefetcher.
+
+We assemble the train loader ourselves (rather than timm's ``create_loader``) to own the sampler: it is
+seeded from ``--seed``, and repeated augmentation (``--aug-repeats``) also works in a single process,
+which timm's loader refuses.
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import FastCollateMixup, create_loader, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import PrefetchLoader, _worker_init, fast_collate
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import UserError
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace, num_classes: int,
+                       device: torch.device, world_size: int = 1, rank: int = 0) -> PrefetchLoader:
+    """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 is what crosses to the device)."""
+    dataset.transform = create_transform(
+        data_config["input_size"], is_training=True, use_prefetcher=True, no_aug=args.no_aug,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, mean=data_config["mean"],
+        std=data_config["std"])
+    if args.aug_repeats:
+        # timm keeps a multiple of 256 samples per epoch; on a set smaller than that it would keep none
+        selected_round = 256 if len(dataset) >= 256 * world_size else 0
+        sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=args.aug_repeats,
+                                   selected_round=selected_round)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    if mixup_active(args):
+        # label smoothing is applied per student by its objective, so one mixed batch serves students
+        # with different --smoothing values
+        collate = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                                   cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                                   switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                                   label_smoothing=0.0, num_classes=num_classes)
+    else:
+        collate = fast_collate
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        worker_init_fn=partial(_worker_init, worker_seeding=args.worker_seeding),
+        # workers run the mixup collate: turning mixup off at --mixup-off-epoch must reach fresh workers
+        persistent_workers=args.workers > 0 and not args.mixup_off_epoch, generator=torch.Generator().manual_seed(args.seed + rank))
+    if len(loader) == 0:
+        per_rank = len(sampler)
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({per_rank} images "
+                        f"per process) and incomplete batches are dropped; lower --batch-size")
+    return PrefetchLoader(loader, mean=data_config["mean"], std=data_config["std"],
+                          channels=data_config["input_size"][0], device=device, re_prob=args.reprob,
+                          re_mode=args.remode, re_count=args.recount)
+
+
+def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers: int, device: torch.device,
+                      distributed: bool = False, pin_memory: bool = False) -> Any:
+    """Center-cropped, normalised batches in a fixed order."""
+    return create_loader(
+        dataset, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
+        use_prefetcher=True, interpolation=data_config["interpolation"], mean=data_config["mean"],
+        std=data_config["std"], num_workers=workers, distributed=distributed, crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"), pin_memory=pin_memory and device.type == "cuda", device=device,
+        persistent_workers=False)
+
+
+def set_mixup_enabled(loader: PrefetchLoader, enabled: bool) -> None:
+    collate = loader.loader.collate_fn
+    if isinstance(collate, FastCollateMixup):
+        collate.mixup_enabled = enabled

@@ -1,0 +1,31 @@
+"""User-facing errors: one line, no traceback, non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem with the user's input or files, reported as one line naming the problem."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            prog: str = "vanillakd") -> int:
+    """Run an entry point, turning UserError into ``prog: error: ...`` on stderr and exit code 2.
+
+    Set VANILLAKD_TRACEBACK=1 to see the full traceback instead.
+    """
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        if os.environ.get("VANILLAKD_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,122 @@
+"""A run's output folder, laid out as timm's: args.yaml, summary.csv, log.txt, last / model_best checkpoints."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from .checkpoint import atomic_save, atomic_write_text, plain
+from .errors import UserError
+
+LOG_FORMAT = "%(asctime)s %(message)s"
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output dir {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def unique_dir(root: str | os.PathLike, name: str) -> Path:
+    """``root/name``, or ``root/name-1``, ``-2`` ... when taken, so that no earlier run is overwritten."""
+    path, i = Path(root) / name, 0
+    while path.exists():
+        i += 1
+        path = Path(root) / f"{name}-{i}"
+    return path
+
+
+def add_log_file(logger: logging.Logger, path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    return handler
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by a notebook or pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_console_logging(level: int = logging.INFO) -> logging.Logger:
+    logger = logging.getLogger("vanillakd")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+def write_args(path: Path, args: Mapping[str, Any]) -> None:
+    atomic_write_text(yaml.safe_dump(plain(dict(args)), sort_keys=False), path / "args.yaml")
+
+
+class Summary:
+    """summary.csv, one row per epoch; rewritten whole (atomically) so a crash never leaves half a row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        fields: list[str] = []
+        for r in self.rows:
+            fields.extend(k for k in r if k not in fields)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(buf.getvalue(), self.path)
+
+
+def read_summary(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class CheckpointWriter:
+    """Tracks the best eval metric and writes the best checkpoint when it improves."""
+
+    def __init__(self, out_dir: Path, higher_is_better: bool = True):
+        self.out_dir = out_dir
+        self.higher_is_better = higher_is_better
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+
+    def is_better(self, metric: float | None) -> bool:
+        if metric is None:
+            return False
+        if self.best is None:
+            return True
+        return metric > self.best if self.higher_is_better else metric < self.best
+
+    def save_best(self, make_state: Callable[[], dict[str, Any]], epoch: int, metric: float | None,
+                  name: str = "model_best") -> bool:
+        """Write ``name.pth.tar`` when ``metric`` improves on the best so far; return whether it did."""
+        if not self.is_better(metric):
+            return False
+        atomic_save(make_state(), self.out_dir / f"{name}.pth.tar")
+        self.best, self.best_epoch = metric, epoch
+        return True

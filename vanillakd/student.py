@@ -1,0 +1,200 @@
+"""A student being trained: model, objective, optimizer, schedule, EMA copies and its own output folder.
+
+Several students can share one teacher pass; each owns everything that decides its own future.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+
+from .checkpoint import plain
+from .cli.train_args import check_list_lengths, setting
+from .data.loader import mixup_active
+from .errors import UserError
+from .losses import create_kd_loss_from_args, get_kd_loss_entry
+from .models import create_student
+from .objective import KDObjective, create_base_loss
+from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir
+from .precision import Precision
+
+
+# --kd-loss none: the student trains on its labels alone (the "from scratch" baseline), no teacher pass
+NO_KD = "none"
+
+
+@dataclass(frozen=True)
+class StudentSetting:
+    model: str
+    kd_loss: str
+    kd_loss_weight: float
+    ori_loss_weight: float
+    opt: str
+    clip_grad: float | None
+    lr: float
+    weight_decay: float
+    drop: float
+    drop_path: float | None
+    smoothing: float
+    bce_loss: int
+    ema_decays: tuple[float, ...] = ()
+
+    @property
+    def tag(self) -> str:
+        return f"{self.model}-{self.kd_loss}"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_loss != NO_KD and self.kd_loss_weight != 0
+
+
+def student_settings(args: argparse.Namespace) -> list[StudentSetting]:
+    """One setting per position of the list-valued flags; settings that differ only in
+    ``--model-ema-decay`` become one student with several EMA copies."""
+    groups: dict[tuple, list[float]] = {}
+    for i in range(check_list_lengths(args)):
+        values = setting(args, i)
+        decay = values.pop("model_ema_decay")
+        groups.setdefault(tuple(values.items()), []).append(decay)
+    return [StudentSetting(**dict(key), ema_decays=tuple(dict.fromkeys(decays)) if args.model_ema else ())
+            for key, decays in groups.items()]
+
+
+def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespace) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay,
+                                   momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise UserError(f"--opt {s.opt}: {e or 'unknown optimizer'}") from None
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
+    return create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
+        patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+        cycle_mul=args.lr_cycle_mul, cycle_decay=args.lr_cycle_decay, cycle_limit=args.lr_cycle_limit,
+        k_decay=args.lr_k_decay, plateau_mode="min" if args.eval_metric == "loss" else "max",
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+
+
+class StudentRun:
+    def __init__(self, index: int, s: StudentSetting, args: argparse.Namespace, num_classes: int,
+                 device: torch.device, precision: Precision, updates_per_epoch: int, out_dir: Path,
+                 loss_kind: str = "logits"):
+        self.index, self.setting, self.device, self.precision = index, s, device, precision
+        entry = None if s.kd_loss == NO_KD else get_kd_loss_entry(s.kd_loss)
+        if entry is not None and entry.needs != loss_kind:
+            raise UserError(f"--kd-loss {s.kd_loss} needs {entry.needs}; use "
+                            f"{'train-fd.py / train-crd.py' if entry.needs != 'logits' else 'train-kd.py'}")
+        # the same seed before each student: a student trained beside others starts from the weights it
+        # would have had alone
+        torch.manual_seed(args.seed)
+        self.model = create_student(
+            s.model, num_classes, pretrained=args.pretrained, initial_checkpoint=args.initial_checkpoint,
+            trust=args.trust_checkpoint, drop_rate=s.drop, drop_path_rate=s.drop_path,
+            drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps, in_chans=args.in_chans).to(device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        kd_loss = None if entry is None else create_kd_loss_from_args(s.kd_loss, args).to(device)
+        base_loss = create_base_loss(mixup_active(args), s.smoothing, bool(s.bce_loss), args.bce_target_thresh)
+        self.objective = KDObjective(self.model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
+                                     smoothing=s.smoothing if mixup_active(args) else 0.0,
+                                     student_resize=args.student_resize)
+        self.optimizer = _optimizer(self.model, s, args)
+        self.scheduler, self.num_epochs = _scheduler(self.optimizer, args, updates_per_epoch)
+        self.scaler = precision.grad_scaler()
+        self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
+                     for d in s.ema_decays]
+        self._clip_mode = args.clip_mode
+        self.num_updates = 0
+        higher = args.eval_metric != "loss"
+        self.out_dir = make_output_dir(out_dir)
+        self.summary = Summary(self.out_dir / "summary.csv")
+        self.saver = CheckpointWriter(self.out_dir, higher)
+        self.ema_savers = [CheckpointWriter(self.out_dir, higher) for _ in self.emas]
+        self.log = logging.getLogger(f"vanillakd.student{index}")
+        self._log_file = add_log_file(self.log, self.out_dir / "log.txt")
+        self._sums = torch.zeros(3, device=device)
+        self._steps = 0
+
+    def close(self) -> None:
+        self.log.removeHandler(self._log_file)
+        self._log_file.close()
+
+    def ema_name(self, i: int) -> str:
+        return "ema" if len(self.emas) == 1 else f"ema{self.setting.ema_decays[i]:g}"
+
+    def train(self) -> None:
+        self.model.train()
+        self._sums.zero_()
+        self._steps = 0
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, z_t: torch.Tensor | None) -> None:
+        """Forward, backward, optimizer / schedule / EMA updates; no host synchronisation."""
+        with self.precision.autocast():
+            out = self.objective(x, target, z_t)
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.setting.clip_grad
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                dispatch_clip_grad(self.model.parameters(), clip, mode=self._clip_mode)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip is not None:
+                dispatch_clip_grad(self.model.parameters(), clip, mode=self._clip_mode)
+            self.optimizer.step()
+        self.num_updates += 1
+        self.scheduler.step_update(num_updates=self.num_updates)
+        for ema in self.emas:
+            ema.update(self.model, step=self.num_updates)
+        # running sums stay on the device; read only at log intervals
+        self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
+        self._steps += 1
+
+    def train_metrics(self) -> dict[str, float]:
+        """Mean losses since ``train()`` (one host sync)."""
+        loss, base, kd = (self._sums / max(self._steps, 1)).tolist()
+        return {"loss": loss, "base_loss": base, "kd_loss": kd}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self, epoch: int, metric: float | None) -> None:
+        self.scheduler.step(epoch + 1, metric)
+
+    def checkpoint(self, epoch: int, args: argparse.Namespace, metric: float | None,
+                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Everything needed to validate or continue this student; tensors and plain containers only."""
+        state = {
+            "version": 1, "arch": self.setting.model, "epoch": epoch, "num_updates": self.num_updates,
+            "state_dict": weights if weights is not None else self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": plain(self.scheduler.state_dict()),
+            "args": plain(vars(args)), "setting": plain(asdict(self.setting)), "metric": metric,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.emas:
+            state["state_dict_ema"] = self.emas[0].module.state_dict()
+            state["state_dicts_ema"] = {self.ema_name(i): e.module.state_dict() for i, e in enumerate(self.emas)}
+        return state

@@ -1,0 +1,164 @@
+"""Wiring of a distillation run: data, teacher, students, the epoch loop and its outputs.
+
+train-kd.py (and later train-fd / train-crd) parse their flags and call ``run``; nothing here knows which
+KD method runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from .checkpoint import atomic_save
+from .data.folder import build_train_val
+from .data.loader import build_eval_loader, build_train_loader, set_mixup_enabled
+from .engine import evaluate, should_evaluate, train_one_epoch
+from .errors import UserError
+from .models import check_model_name, create_teacher
+from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
+from .precision import Precision, resolve_device
+from .losses import get_kd_loss_entry
+from .student import NO_KD, StudentRun, student_settings
+
+log = logging.getLogger("vanillakd")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_args(args: argparse.Namespace, settings: list) -> None:
+    if args.dataset not in ("", "folder", "imagefolder"):
+        raise UserError(f"--dataset {args.dataset!r}: only ImageFolder layouts are supported")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    for name in args.model:
+        check_model_name(name, "model")
+    for name in args.kd_loss:
+        if name != NO_KD:
+            get_kd_loss_entry(name)
+    if any(s.uses_teacher for s in settings):
+        check_model_name(args.teacher, "teacher")
+
+
+def _data_config(args: argparse.Namespace, model_name: str) -> dict:
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    flags = {k: getattr(args, k) for k in ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation",
+                                           "in_chans")}
+    return resolve_data_config(flags, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else None)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    root = Path(args.output or "./output/train")
+    if args.experiment:
+        return root / args.experiment
+    name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), args.model[0], "kd"])
+    return unique_dir(root, name)
+
+
+def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
+    """Train every student the flags describe; return their best / final metrics."""
+    logger = setup_console_logging()
+    settings = student_settings(args)
+    _check_args(args, settings)
+    device = resolve_device(args.device, args.local_rank)
+    precision = Precision.create(device, args.amp, args.amp_dtype)
+    seed_everything(args.seed)
+
+    train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
+                                                          args.class_map, args.num_classes)
+    run_dir = make_output_dir(_run_dir(args))
+    root_log = add_log_file(logger, run_dir / "log.txt")
+    students: list[StudentRun] = []
+    try:
+        return _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind,
+                    students)
+    finally:
+        for st in students:
+            st.close()
+        logger.removeHandler(root_log)
+        root_log.close()
+
+
+def _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind, students):
+    log.info(f"data: {len(train_split.dataset)} train / {len(val_split.dataset)} val images, {num_classes} classes;"
+             f" device {device}, {precision}")
+    teacher = None
+    if any(s.uses_teacher for s in settings):
+        teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, args.teacher_resize,
+                                 trust=args.trust_checkpoint).to(device)
+        if args.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+
+    # input size, crop and normalisation follow the first student's timm config unless flags override
+    data_config = _data_config(args, settings[0].model)
+    train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device)
+    eval_loader = build_eval_loader(val_split.dataset, data_config, args.validation_batch_size or args.batch_size,
+                                    args.workers, device, pin_memory=args.pin_mem)
+    steps = len(train_loader) if args.max_train_steps is None else min(len(train_loader), args.max_train_steps)
+
+    for i, s in enumerate(settings):
+        out_dir = run_dir if len(settings) == 1 else run_dir / f"student{i}-{s.tag}"
+        students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind))
+    for st in students:
+        write_args(st.out_dir, vars(args))
+    if len(students) > 1:
+        write_args(run_dir, vars(args))
+    num_epochs = students[0].num_epochs
+    log.info(f"training {len(students)} student(s) for {num_epochs} epochs of {steps} steps, batch "
+             f"{args.batch_size}, input {tuple(data_config['input_size'])}; "
+             f"teacher {args.teacher if teacher is not None else 'none'}; outputs in {run_dir}")
+
+    start_epoch = args.start_epoch or 0
+    for epoch in range(start_epoch, num_epochs):
+        train_loader.sampler.set_epoch(epoch)
+        if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            set_mixup_enabled(train_loader, False)
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(epoch, train_loader, teacher, students, precision, args.channels_last,
+                                        args.log_interval, args.max_train_steps, args.progress)
+        train_time = time.perf_counter() - t0
+        do_eval = should_evaluate(epoch, num_epochs, args.eval_interval, args.eval_interval_end)
+        for st, tm in zip(students, train_metrics):
+            row = {"epoch": epoch, "lr": st.lr(), "train_loss": tm["loss"], "train_base_loss": tm["base_loss"],
+                   "train_kd_loss": tm["kd_loss"], "eval_loss": "", "eval_top1": "", "eval_top5": "",
+                   "train_time": round(train_time, 2)}
+            metric = None
+            if do_eval:
+                em = evaluate(st.model, eval_loader, precision, args.channels_last)
+                row.update(eval_loss=em["loss"], eval_top1=em["top1"], eval_top5=em["top5"])
+                metric = em[args.eval_metric]
+                st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
+                for i, ema in enumerate(st.emas):
+                    name = st.ema_name(i)
+                    emm = evaluate(ema.module, eval_loader, precision, args.channels_last)
+                    row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
+                    st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}")
+                    # the EMA's best file holds its weights as the plain student 'state_dict'
+                    st.ema_savers[i].save_best(
+                        lambda: st.checkpoint(epoch, args, emm[args.eval_metric], weights=ema.module.state_dict()),
+                        epoch, emm[args.eval_metric], f"model_best_{name}")
+            state = st.checkpoint(epoch, args, metric)
+            atomic_save(state, st.out_dir / "last.pth.tar")
+            st.saver.save_best(lambda: state, epoch, metric, "model_best")
+            st.summary.add(row)
+            st.end_epoch(epoch, metric)
+    results = []
+    for st in students:
+        best = st.saver.best
+        st.log.info(f"done: best {args.eval_metric} {best if best is None else round(best, 3)} "
+                    f"(epoch {st.saver.best_epoch}); outputs in {st.out_dir}")
+        results.append({"tag": st.setting.tag, "out_dir": str(st.out_dir), "best_metric": best,
+                        "best_epoch": st.saver.best_epoch, "last": st.summary.rows[-1] if st.summary.rows else {}})
+    return results
