@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub: tests build random-weight models
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny test models: one thread beats two (no OpenMP hand-off), and DataLoader workers get the other core
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_SOURCE = Path("/usr/share/datasets/fashion-mnist")
@@ -31,6 +32,15 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=(8, 4
                 ext = "png" if i % 2 else "jpg"
                 Image.fromarray(img).save(d / f"{i}.{ext}")
     return root
+
+
+@pytest.fixture
+def two_threads():
+    """Full-size models (ResNet-50, BEiTv2-B) use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -53,15 +53,17 @@ def test_seed_commands_run_and_validate(recipe, student, tiny_data, teacher_ckpt
     ckpt = torch.load(run / "last.pth.tar", weights_only=True)
     assert ckpt["arch"] == student and "optimizer" in ckpt
     out = tmp_path / "val.json"
+    # same precision and crop as the training-time evaluation, so the numbers must agree
     assert run_cli(validate.cli, [tiny_data, "--model", student, "--checkpoint", run / "model_best.pth.tar",
-                                  "--img-size", "64", "-j", "0", "--results-file", out]) == 0
+                                  "--img-size", "64", "-j", "0", "--results-file", out, "--amp",
+                                  "--crop-pct", "0.95"]) == 0
     res = json.loads(out.read_text())
     assert res["images"] == 12 and 0 <= res["top1"] <= 100
     assert res["top1"] == pytest.approx(float(rows[0]["eval_top1"]), abs=1e-3)
 
 
 @pytest.mark.slow
-def test_seed_command_with_original_models_runs_a_step(tiny_data, tmp_path):
+def test_seed_command_with_original_models_runs_a_step(tiny_data, tmp_path, two_threads):
     """The A2 command keeps resnet50 <- beitv2_base_patch16_224 (random weights), one step on a few images."""
     ckpt = save_teacher(tmp_path / "beitv2.pth", "beitv2_base_patch16_224", num_classes=3, wrap="model")
     argv = seed_command(A2, tiny_data, "resnet50", "beitv2_base_patch16_224", ckpt, tmp_path, "orig", batch=2)

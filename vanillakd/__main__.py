@@ -9,6 +9,8 @@ from .errors import run_cli
 
 COMMANDS = {
     "train-kd": ("vanillakd.cli.train_kd", "logit distillation (the repository's train-kd.py)"),
+    "train-fd": ("vanillakd.cli.train_fd", "feature distillation: correlation, rkd, review (train-fd.py)"),
+    "train-crd": ("vanillakd.cli.train_crd", "contrastive representation distillation (train-crd.py)"),
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
     "prepare": ("vanillakd.cli.prepare", "write a dataset as an ImageFolder (fashion-mnist)"),
     "demo": ("vanillakd.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),

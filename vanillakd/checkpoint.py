@@ -128,12 +128,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike, what: str = "model",
                  trust: bool = False) -> None:
     """Load a checkpoint into ``model`` strictly, explaining any mismatch in one line."""
     state = extract_state_dict(load_file(path, trust=trust), use_ema=use_ema, path=path)
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     classes = _classifier_classes(model, state)
     if classes is not None:
         raise UserError(f"{what} checkpoint {path} has a {classes[0]}-class head but the {what} is built with "
                         f"{classes[1]} classes (--num-classes / the dataset)")
-    model_state = model.state_dict()
+    load_state_strict(model, state, path, what)
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      what: str = "model") -> None:
+    """``module.load_state_dict(state)``, with missing / unexpected / mis-shaped keys named in one line."""
+    arch = getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__)
+    model_state = module.state_dict()
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]
     wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
@@ -148,7 +154,33 @@ def load_weights(model: nn.Module, path: str | os.PathLike, what: str = "model",
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
                          f"model {tuple(model_state[k].shape)})")
         raise UserError(f"{what} checkpoint {path} does not fit architecture {arch}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors and plain containers (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+    np_state = np.random.get_state()
+    state = {"python": plain(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def plain(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .features import Features
 from .precision import Precision
 
 log = logging.getLogger("vanillakd")
@@ -51,18 +52,20 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
     bar = Progress(total, f"train {epoch}", progress)
     start = time.perf_counter()
     batch_size = None
-    for step, (x, target) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if step >= total:
             break
+        x, target = batch[0], batch[1]
+        extras = batch[2] if len(batch) > 2 else None  # per-sample extras, e.g. CRD's indices
         batch_size = x.shape[0]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        z_t = None
+        teacher_out = None
         if teacher is not None:
             with precision.autocast():
-                z_t = teacher(x)
+                teacher_out = teacher(x)
         for s in students:
-            s.train_step(x, target, z_t)
+            s.train_step(x, target, teacher_out, extras, epoch)
         bar.update()
         done = step + 1
         if done % log_interval == 0 or done == total:
@@ -97,6 +100,8 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, channels_
         with precision.autocast():
             logits = model(x)
             t_logits = teacher(x) if teacher is not None else None
+        if isinstance(t_logits, Features):
+            t_logits = t_logits.logits
         logits = logits.float()
         loss = nn.functional.cross_entropy(logits, target, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -45,12 +45,19 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
 
 
 class FrozenTeacher(nn.Module):
-    """The teacher: frozen, always in eval mode, run without autograd, optionally on a resized batch."""
+    """The teacher: frozen, always in eval mode, run without autograd, optionally on a resized batch.
+
+    ``model`` may be a ``features.FeatureModel``, for feature methods: the forward then returns ``Features``.
+    """
 
     def __init__(self, model: nn.Module, resize: int | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.resize = resize
+
+    @property
+    def input_resize(self) -> int | None:
+        return self.resize
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # whatever the caller asks (e.g. a parent module's .train()), BN / dropout stay in inference mode

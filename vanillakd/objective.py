@@ -8,6 +8,7 @@ import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from .features import Features
 from .models import resize_batch
 
 
@@ -27,11 +28,19 @@ def create_base_loss(soft_targets: bool, smoothing: float, bce: bool, bce_target
 
 
 class KDObjective(nn.Module):
+    """``student`` is a plain timm model, or a ``FeatureModel`` around one when the KD loss needs features.
+
+    The teacher's output arrives as logits or as ``Features``; what the KD loss gets is chosen here, by
+    keyword, so the loop never knows the method: ``z_s, z_t, target, feature_student, feature_teacher,
+    epoch`` and the batch extras (``index``, ``contrastive_index``).
+    """
+
     def __init__(self, student: nn.Module, kd_loss: nn.Module | None, base_loss: nn.Module,
                  ori_loss_weight: float = 1.0, kd_loss_weight: float = 1.0, smoothing: float = 0.0,
                  student_resize: int | None = None):
         super().__init__()
         self.student = student
+        self.preact = bool(getattr(kd_loss, "preact", False))
         self.kd_loss = kd_loss
         self.base_loss = base_loss
         self.ori_loss_weight = ori_loss_weight
@@ -39,10 +48,20 @@ class KDObjective(nn.Module):
         self.smoothing = smoothing
         self.student_resize = student_resize
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor, z_t: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | Features | None,
+                extras: dict | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
         if self.student_resize is not None and x.shape[-1] != self.student_resize:
             x = resize_batch(x, self.student_resize)
-        z_s = self.student(x)
+        out = self.student(x)
+        feat_s = feat_t = None
+        if isinstance(out, Features):
+            z_s, feat_s = out.logits, out.as_list(self.preact)
+        else:
+            z_s = out
+        if isinstance(teacher_out, Features):
+            z_t, feat_t = teacher_out.logits, teacher_out.as_list(self.preact)
+        else:
+            z_t = teacher_out
         if target.ndim == 2 and self.smoothing:
             # identical to timm's mixup_target(..., smoothing) applied before mixing
             target = target * (1.0 - self.smoothing) + self.smoothing / target.shape[1]
@@ -50,6 +69,7 @@ class KDObjective(nn.Module):
         if self.kd_loss is None or self.kd_loss_weight == 0 or z_t is None:
             kd = torch.zeros((), device=z_s.device, dtype=base.dtype)
         else:
-            kd = self.kd_loss(z_s=z_s, z_t=z_t, target=target)
+            kd = self.kd_loss(z_s=z_s, z_t=z_t, target=target, feature_student=feat_s, feature_teacher=feat_t,
+                              epoch=epoch, **(extras or {}))
         loss = self.ori_loss_weight * base + self.kd_loss_weight * kd
         return {"loss": loss, "output": z_s, "base_loss": base.detach(), "kd_loss": kd.detach()}

@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -79,8 +80,16 @@ class Summary:
         self.path = path
         self.rows: list[dict[str, Any]] = []
 
+    def load(self, keep: Callable[[dict[str, str]], bool] = lambda row: True) -> None:
+        """Take up the rows already on disk (on resume), dropping those ``keep`` rejects."""
+        if self.path.is_file():
+            self.rows = [r for r in read_summary(self.path) if keep(r)]
+
     def add(self, row: Mapping[str, Any]) -> None:
         self.rows.append(dict(row))
+        self._write()
+
+    def _write(self) -> None:
         fields: list[str] = []
         for r in self.rows:
             fields.extend(k for k in r if k not in fields)
@@ -104,6 +113,25 @@ class CheckpointWriter:
         self.higher_is_better = higher_is_better
         self.best: float | None = None
         self.best_epoch: int | None = None
+
+    def save_last(self, state: dict[str, Any], epoch: int, history: int = 0) -> None:
+        """``last.pth.tar``, plus ``checkpoint-<epoch>.pth.tar`` (a hard link, no second write) keeping the
+        newest ``history`` of them; older ones are removed only once the new one is safely on disk."""
+        last = self.out_dir / "last.pth.tar"
+        atomic_save(state, last)
+        if history <= 0:
+            return
+        epoch_file = self.out_dir / f"checkpoint-{epoch}.pth.tar"
+        tmp = epoch_file.with_name(f".{epoch_file.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last, tmp)
+        except OSError:
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, epoch_file)
+        kept = sorted(self.out_dir.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+        for old in kept[:-history]:
+            old.unlink(missing_ok=True)
 
     def is_better(self, metric: float | None) -> bool:
         if metric is None:

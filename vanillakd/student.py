@@ -15,10 +15,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-from .checkpoint import plain
+from .checkpoint import load_state_strict, plain, rng_state
 from .cli.train_args import check_list_lengths, setting
 from .data.loader import mixup_active
 from .errors import UserError
+from .features import Features, FeatureModel, FeatureShapes, probe_shapes
 from .losses import create_kd_loss_from_args, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
@@ -95,12 +96,14 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updat
 class StudentRun:
     def __init__(self, index: int, s: StudentSetting, args: argparse.Namespace, num_classes: int,
                  device: torch.device, precision: Precision, updates_per_epoch: int, out_dir: Path,
-                 loss_kind: str = "logits"):
+                 loss_kind: str = "logits", teacher_shapes: FeatureShapes | None = None, num_data: int = 0,
+                 input_size: tuple[int, int, int] | None = None):
+        """``loss_kind``: 'logits' (train-kd: logit methods only) or 'features' (train-fd / train-crd: any
+        method); feature methods need ``teacher_shapes``, the training-set size and the input size."""
         self.index, self.setting, self.device, self.precision = index, s, device, precision
         entry = None if s.kd_loss == NO_KD else get_kd_loss_entry(s.kd_loss)
-        if entry is not None and entry.needs != loss_kind:
-            raise UserError(f"--kd-loss {s.kd_loss} needs {entry.needs}; use "
-                            f"{'train-fd.py / train-crd.py' if entry.needs != 'logits' else 'train-kd.py'}")
+        if entry is not None and entry.needs == "features" and loss_kind != "features":
+            raise UserError(f"--kd-loss {s.kd_loss} distils features; use train-fd.py or train-crd.py")
         # the same seed before each student: a student trained beside others starts from the weights it
         # would have had alone
         torch.manual_seed(args.seed)
@@ -111,12 +114,29 @@ class StudentRun:
             bn_eps=args.bn_eps, in_chans=args.in_chans).to(device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        kd_loss = None if entry is None else create_kd_loss_from_args(s.kd_loss, args).to(device)
+        forward_model, kd_loss = self.model, None
+        if entry is not None and entry.needs == "features":
+            forward_model = FeatureModel(self.model, preact=getattr(entry.cls, "preact", False), name=s.model)
+            size = input_size if args.student_resize is None else (input_size[0], args.student_resize,
+                                                                    args.student_resize)
+            student_shapes = probe_shapes(forward_model, size, device)
+            kd_loss = create_kd_loss_from_args(s.kd_loss, args, student_shapes, teacher_shapes, num_data)
+        elif entry is not None:
+            kd_loss = create_kd_loss_from_args(s.kd_loss, args)
+        if kd_loss is not None:
+            kd_loss.to(device)
+            if args.channels_last:
+                kd_loss.to(memory_format=torch.channels_last)
+        self.kd_loss = kd_loss
         base_loss = create_base_loss(mixup_active(args), s.smoothing, bool(s.bce_loss), args.bce_target_thresh)
-        self.objective = KDObjective(self.model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
+        self.objective = KDObjective(forward_model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
                                      smoothing=s.smoothing if mixup_active(args) else 0.0,
                                      student_resize=args.student_resize)
         self.optimizer = _optimizer(self.model, s, args)
+        kd_params = [p for p in kd_loss.parameters() if p.requires_grad] if kd_loss is not None else []
+        if kd_params:
+            # embeddings / ABFs learn with the student, under its lr, schedule and weight decay
+            self.optimizer.add_param_group({"params": kd_params, "lr": s.lr, "weight_decay": s.weight_decay})
         self.scheduler, self.num_epochs = _scheduler(self.optimizer, args, updates_per_epoch)
         self.scaler = precision.grad_scaler()
         self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
@@ -133,6 +153,42 @@ class StudentRun:
         self._sums = torch.zeros(3, device=device)
         self._steps = 0
 
+    def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> int:
+        """Restore everything that decides this student's future from ``ckpt``; return the next epoch."""
+        arch = ckpt.get("arch")
+        if arch != self.setting.model:
+            raise UserError(f"--resume {path} is a checkpoint of {arch!r}, not of --model {self.setting.model}")
+        load_state_strict(self.model, ckpt["state_dict"], path, "student")
+        if self.kd_loss is not None and "kd_state" in ckpt:
+            load_state_strict(self.kd_loss, ckpt["kd_state"], path, f"--kd-loss {self.setting.kd_loss} part")
+        elif self.kd_loss is not None and self.kd_loss.state_dict():
+            raise UserError(f"--resume {path} holds no state for --kd-loss {self.setting.kd_loss}")
+        for i, ema in enumerate(self.emas):
+            saved = ckpt.get("state_dicts_ema", {}).get(self.ema_name(i))
+            if saved is None and i == 0:
+                saved = ckpt.get("state_dict_ema")
+            # an EMA the checkpoint lacks (e.g. --model-ema added on resume) starts from the student
+            ema.module.load_state_dict(saved if saved is not None else self.model.state_dict())
+        if load_optimizer:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"--resume {path}: its optimizer state does not fit this run ({e}); "
+                                "pass --no-resume-opt to start a fresh optimizer") from None
+            if self.scaler is not None and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.num_updates = int(ckpt.get("num_updates", 0))
+        best = ckpt.get("best", {})
+        self.saver.best, self.saver.best_epoch = best.get("metric"), best.get("epoch")
+        for w, (metric, epoch) in zip(self.ema_savers, best.get("ema", [])):
+            w.best, w.best_epoch = metric, epoch
+        epoch = int(ckpt["epoch"])
+        # the checkpoint was written before the epoch-end schedule step: take that step now
+        self.end_epoch(epoch, ckpt.get("metric"))
+        self.summary.load(keep=lambda row: int(row["epoch"]) <= epoch)
+        return epoch + 1
+
     def close(self) -> None:
         self.log.removeHandler(self._log_file)
         self._log_file.close()
@@ -141,14 +197,15 @@ class StudentRun:
         return "ema" if len(self.emas) == 1 else f"ema{self.setting.ema_decays[i]:g}"
 
     def train(self) -> None:
-        self.model.train()
+        self.objective.train()
         self._sums.zero_()
         self._steps = 0
 
-    def train_step(self, x: torch.Tensor, target: torch.Tensor, z_t: torch.Tensor | None) -> None:
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | Features | None,
+                   extras: dict | None = None, epoch: int | None = None) -> None:
         """Forward, backward, optimizer / schedule / EMA updates; no host synchronisation."""
         with self.precision.autocast():
-            out = self.objective(x, target, z_t)
+            out = self.objective(x, target, teacher_out, extras, epoch)
         loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.setting.clip_grad
@@ -156,13 +213,13 @@ class StudentRun:
             self.scaler.scale(loss).backward()
             if clip is not None:
                 self.scaler.unscale_(self.optimizer)
-                dispatch_clip_grad(self.model.parameters(), clip, mode=self._clip_mode)
+                dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if clip is not None:
-                dispatch_clip_grad(self.model.parameters(), clip, mode=self._clip_mode)
+                dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
             self.optimizer.step()
         self.num_updates += 1
         self.scheduler.step_update(num_updates=self.num_updates)
@@ -171,6 +228,9 @@ class StudentRun:
         # running sums stay on the device; read only at log intervals
         self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
         self._steps += 1
+
+    def _trained_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def train_metrics(self) -> dict[str, float]:
         """Mean losses since ``train()`` (one host sync)."""
@@ -191,9 +251,15 @@ class StudentRun:
             "state_dict": weights if weights is not None else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": plain(self.scheduler.state_dict()),
             "args": plain(vars(args)), "setting": plain(asdict(self.setting)), "metric": metric,
+            "best": {"metric": self.saver.best, "epoch": self.saver.best_epoch,
+                     "ema": [[w.best, w.best_epoch] for w in self.ema_savers]},
+            "rng": rng_state(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.kd_loss is not None and self.kd_loss.state_dict():
+            # trainable KD parts and memories, apart from the student so 'state_dict' stays a plain timm checkpoint
+            state["kd_state"] = self.kd_loss.state_dict()
         if self.emas:
             state["state_dict_ema"] = self.emas[0].module.state_dict()
             state["state_dicts_ema"] = {self.ema_name(i): e.module.state_dict() for i, e in enumerate(self.emas)}

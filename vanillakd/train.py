@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import time
 from datetime import datetime
@@ -18,11 +17,12 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-from .checkpoint import atomic_save
+from .checkpoint import load_file, set_rng_state
 from .data.folder import build_train_val
-from .data.loader import build_eval_loader, build_train_loader, set_mixup_enabled
+from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
+from .features import FeatureModel, probe_shapes
 from .models import check_model_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
 from .precision import Precision, resolve_device
@@ -61,6 +61,15 @@ def _data_config(args: argparse.Namespace, model_name: str) -> dict:
 
 def _run_dir(args: argparse.Namespace) -> Path:
     root = Path(args.output or "./output/train")
+    if args.resume == "auto":
+        if not args.experiment:
+            raise UserError("--resume auto needs --experiment NAME to find the run to continue")
+        return root / args.experiment
+    if args.resume:
+        resume = Path(args.resume)
+        if not resume.exists():
+            raise UserError(f"--resume {resume} does not exist")
+        return resume if resume.is_dir() else resume.parent
     if args.experiment:
         return root / args.experiment
     name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), args.model[0], "kd"])
@@ -91,40 +100,111 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
         root_log.close()
 
 
+def _build_teacher(args, settings, num_classes: int, device: torch.device, input_size):
+    """The frozen teacher (None when no student distils), with feature extraction when a student's method
+    needs features, and then the teacher's feature shapes."""
+    users = [s for s in settings if s.uses_teacher]
+    if not users:
+        return None, None
+    entries = [get_kd_loss_entry(s.kd_loss) for s in users]
+    teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, args.teacher_resize,
+                             trust=args.trust_checkpoint)
+    shapes = None
+    if any(e.needs == "features" for e in entries):
+        preact = any(getattr(e.cls, "preact", False) for e in entries)
+        teacher.model = FeatureModel(teacher.model, preact=preact, name=args.teacher)
+        size = input_size if args.teacher_resize is None else (input_size[0], args.teacher_resize,
+                                                                args.teacher_resize)
+        shapes = probe_shapes(teacher.model.to(device), size, device)
+    teacher.to(device)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher, shapes
+
+
+def _contrast_k(args, settings) -> int | None:
+    """How many contrast indices per sample the loader must draw (CRD), or None."""
+    if any(s.uses_teacher and getattr(get_kd_loss_entry(s.kd_loss).cls, "needs_contrast", False) for s in settings):
+        return args.nce_k
+    return None
+
+
+def _evaluate_and_save(st: StudentRun, epoch: int, args, row: dict, eval_loader, precision, do_eval: bool):
+    """Evaluate the student (and its EMA copies), write last / best checkpoints, the summary row; step the
+    schedule."""
+    metric = None
+    if do_eval:
+        em = evaluate(st.model, eval_loader, precision, args.channels_last)
+        row.update(eval_loss=em["loss"], eval_top1=em["top1"], eval_top5=em["top5"])
+        metric = em[args.eval_metric]
+        st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
+        for i, ema in enumerate(st.emas):
+            name = st.ema_name(i)
+            emm = evaluate(ema.module, eval_loader, precision, args.channels_last)
+            row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
+            st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}")
+            # the EMA's best file holds its weights as the plain student 'state_dict'
+            st.ema_savers[i].save_best(
+                lambda: st.checkpoint(epoch, args, emm[args.eval_metric], weights=ema.module.state_dict()),
+                epoch, emm[args.eval_metric], f"model_best_{name}")
+    state = st.checkpoint(epoch, args, metric)
+    st.saver.save_last(state, epoch, args.checkpoint_hist)
+    st.saver.save_best(lambda: state, epoch, metric, "model_best")
+    st.summary.add(row)
+    st.end_epoch(epoch, metric)
+
+
+def _resume(args: argparse.Namespace, students: list[StudentRun]) -> int:
+    """Load each student's last checkpoint (``--resume``); return the epoch to continue from."""
+    path = Path(args.resume) if args.resume != "auto" else None
+    epochs, rng = [], None
+    for st in students:
+        ckpt_path = path if path is not None and path.is_file() else st.out_dir / "last.pth.tar"
+        if path is not None and path.is_file() and len(students) > 1:
+            raise UserError("with several students, --resume takes the run folder (or 'auto'), not one file")
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint {ckpt_path} to continue from")
+        ckpt = load_file(ckpt_path, trust=args.trust_checkpoint)
+        epochs.append(st.resume(ckpt, str(ckpt_path), load_optimizer=not args.no_resume_opt))
+        rng = rng or ckpt.get("rng")
+    if len(set(epochs)) > 1:
+        raise UserError(f"--resume: the students' checkpoints are at different epochs ({sorted(set(epochs))})")
+    if rng is not None:
+        set_rng_state(rng)
+    log.info(f"resumed from epoch {epochs[0] - 1}; continuing at epoch {epochs[0]}")
+    return epochs[0]
+
+
 def _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind, students):
     log.info(f"data: {len(train_split.dataset)} train / {len(val_split.dataset)} val images, {num_classes} classes;"
              f" device {device}, {precision}")
-    teacher = None
-    if any(s.uses_teacher for s in settings):
-        teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, args.teacher_resize,
-                                 trust=args.trust_checkpoint).to(device)
-        if args.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-
     # input size, crop and normalisation follow the first student's timm config unless flags override
     data_config = _data_config(args, settings[0].model)
-    train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device)
+    input_size = tuple(data_config["input_size"])
+    teacher, teacher_shapes = _build_teacher(args, settings, num_classes, device, input_size)
+    train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
+                                      contrast_k=_contrast_k(args, settings))
     eval_loader = build_eval_loader(val_split.dataset, data_config, args.validation_batch_size or args.batch_size,
                                     args.workers, device, pin_memory=args.pin_mem)
     steps = len(train_loader) if args.max_train_steps is None else min(len(train_loader), args.max_train_steps)
 
     for i, s in enumerate(settings):
         out_dir = run_dir if len(settings) == 1 else run_dir / f"student{i}-{s.tag}"
-        students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind))
+        students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind,
+                                   teacher_shapes=teacher_shapes, num_data=len(train_split.dataset),
+                                   input_size=input_size))
+    start_epoch = _resume(args, students) if args.resume else (args.start_epoch or 0)
     for st in students:
         write_args(st.out_dir, vars(args))
     if len(students) > 1:
         write_args(run_dir, vars(args))
     num_epochs = students[0].num_epochs
     log.info(f"training {len(students)} student(s) for {num_epochs} epochs of {steps} steps, batch "
-             f"{args.batch_size}, input {tuple(data_config['input_size'])}; "
+             f"{args.batch_size}, input {input_size}; "
              f"teacher {args.teacher if teacher is not None else 'none'}; outputs in {run_dir}")
 
-    start_epoch = args.start_epoch or 0
     for epoch in range(start_epoch, num_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            set_mixup_enabled(train_loader, False)
+        set_epoch(train_loader, epoch, args.mixup_off_epoch)
         t0 = time.perf_counter()
         train_metrics = train_one_epoch(epoch, train_loader, teacher, students, precision, args.channels_last,
                                         args.log_interval, args.max_train_steps, args.progress)
@@ -134,26 +214,7 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
             row = {"epoch": epoch, "lr": st.lr(), "train_loss": tm["loss"], "train_base_loss": tm["base_loss"],
                    "train_kd_loss": tm["kd_loss"], "eval_loss": "", "eval_top1": "", "eval_top5": "",
                    "train_time": round(train_time, 2)}
-            metric = None
-            if do_eval:
-                em = evaluate(st.model, eval_loader, precision, args.channels_last)
-                row.update(eval_loss=em["loss"], eval_top1=em["top1"], eval_top5=em["top5"])
-                metric = em[args.eval_metric]
-                st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
-                for i, ema in enumerate(st.emas):
-                    name = st.ema_name(i)
-                    emm = evaluate(ema.module, eval_loader, precision, args.channels_last)
-                    row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
-                    st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}")
-                    # the EMA's best file holds its weights as the plain student 'state_dict'
-                    st.ema_savers[i].save_best(
-                        lambda: st.checkpoint(epoch, args, emm[args.eval_metric], weights=ema.module.state_dict()),
-                        epoch, emm[args.eval_metric], f"model_best_{name}")
-            state = st.checkpoint(epoch, args, metric)
-            atomic_save(state, st.out_dir / "last.pth.tar")
-            st.saver.save_best(lambda: state, epoch, metric, "model_best")
-            st.summary.add(row)
-            st.end_epoch(epoch, metric)
+            _evaluate_and_save(st, epoch, args, row, eval_loader, precision, do_eval)
     results = []
     for st in students:
         best = st.saver.best

@@ -80,6 +80,20 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
     g.add_argument("--dkd-beta", type=float, default=2.0)
     g.add_argument("--dist-beta", type=float, default=1.0)
     g.add_argument("--dist-gamma", type=float, default=1.0)
+    g = p.add_argument_group("Feature and contrastive distillation (train-fd / train-crd)")
+    g.add_argument("--feat-dim", type=pos_int, default=128, help="embedding size of Correlation and CRD")
+    g.add_argument("--rkd-distance-weight", type=float, default=25.0)
+    g.add_argument("--rkd-angle-weight", type=float, default=50.0)
+    g.add_argument("--review-warmup-epochs", type=pos_float, default=1.0,
+                   help="ReviewKD's weight ramps up as min(epoch / this, 1)")
+    g.add_argument("--nce-k", type=pos_int, default=16384, help="CRD: contrast samples per image")
+    g.add_argument("--nce-t", type=pos_float, default=0.07, help="CRD: temperature")
+    g.add_argument("--nce-mom", type=float, default=0.5, help="CRD: memory momentum")
+    g = p.add_argument_group("Checkpoints")
+    g.add_argument("--resume", default="", metavar="PATH",
+                   help="continue a run: its last.pth.tar (or the run folder for several students), or 'auto' "
+                        "for the run named by --output / --experiment")
+    g.add_argument("--no-resume-opt", action="store_true", help="on --resume, start a fresh optimizer")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need pickled Python code (only for files you trust)")
 

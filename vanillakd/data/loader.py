@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from timm.data import FastCollateMixup, create_loader, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from timm.data.loader import PrefetchLoader, _worker_init, fast_collate
+from timm.data.loader import _worker_init, fast_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import UserError
+from .contrast import ContrastDataset, collate_extras, dataset_labels
+from .prefetch import ExtrasPrefetchLoader
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -24,8 +26,12 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 
 def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace, num_classes: int,
-                       device: torch.device, world_size: int = 1, rank: int = 0) -> PrefetchLoader:
-    """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 is what crosses to the device)."""
+                       device: torch.device, world_size: int = 1, rank: int = 0,
+                       contrast_k: int | None = None) -> ExtrasPrefetchLoader:
+    """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 is what crosses to the device).
+
+    With ``contrast_k`` each batch also carries ``{'index', 'contrastive_index'}`` for CRD.
+    """
     dataset.transform = create_transform(
         data_config["input_size"], is_training=True, use_prefetcher=True, no_aug=args.no_aug,
         scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
@@ -47,17 +53,21 @@ def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace
                                    label_smoothing=0.0, num_classes=num_classes)
     else:
         collate = fast_collate
+    if contrast_k is not None:
+        dataset = ContrastDataset(dataset, dataset_labels(dataset), contrast_k, seed=args.seed)
+        collate = collate_extras(collate)
     loader = DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
         worker_init_fn=partial(_worker_init, worker_seeding=args.worker_seeding),
-        # workers run the mixup collate: turning mixup off at --mixup-off-epoch must reach fresh workers
-        persistent_workers=args.workers > 0 and not args.mixup_off_epoch, generator=torch.Generator().manual_seed(args.seed + rank))
+        # workers hold the mixup collate and the contrast draws' epoch: a change to either must reach
+        # fresh workers
+        persistent_workers=args.workers > 0 and not args.mixup_off_epoch and contrast_k is None, generator=torch.Generator().manual_seed(args.seed + rank))
     if len(loader) == 0:
         per_rank = len(sampler)
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({per_rank} images "
                         f"per process) and incomplete batches are dropped; lower --batch-size")
-    return PrefetchLoader(loader, mean=data_config["mean"], std=data_config["std"],
+    return ExtrasPrefetchLoader(loader, mean=data_config["mean"], std=data_config["std"],
                           channels=data_config["input_size"][0], device=device, re_prob=args.reprob,
                           re_mode=args.remode, re_count=args.recount)
 
@@ -73,7 +83,11 @@ def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers:
         persistent_workers=False)
 
 
-def set_mixup_enabled(loader: PrefetchLoader, enabled: bool) -> None:
-    collate = loader.loader.collate_fn
-    if isinstance(collate, FastCollateMixup):
-        collate.mixup_enabled = enabled
+def set_epoch(loader: ExtrasPrefetchLoader, epoch: int, mixup_off_epoch: int = 0) -> None:
+    """Per-epoch state: sampler order, contrast draws, mixup switched off from ``mixup_off_epoch``."""
+    loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, ContrastDataset):
+        loader.dataset.set_epoch(epoch)
+    collate = getattr(loader.loader.collate_fn, "inner", loader.loader.collate_fn)
+    if mixup_off_epoch and epoch >= mixup_off_epoch and isinstance(collate, FastCollateMixup):
+        collate.mixup_enabled = False

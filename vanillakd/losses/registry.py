@@ -54,9 +54,18 @@ def create_kd_loss(name: str, **kwargs: Any) -> nn.Module:
     return get_kd_loss_entry(name).cls(**kwargs)
 
 
-def create_kd_loss_from_args(name: str, args: Any, **overrides: Any) -> nn.Module:
-    """Build a registered loss from parsed training flags, using the entry's flag mapping."""
+def create_kd_loss_from_args(name: str, args: Any, student_shapes: Any = None, teacher_shapes: Any = None,
+                             num_data: int = 0, **overrides: Any) -> nn.Module:
+    """Build a registered loss from parsed training flags, using the entry's flag mapping.
+
+    Feature losses also get the two models' feature shapes (``features.FeatureShapes``, discovered at run
+    time) and the training-set size, through their ``from_shapes`` constructor.
+    """
     entry = get_kd_loss_entry(name)
     kwargs = {k: getattr(args, attr) for k, attr in entry.arg_map.items() if getattr(args, attr, None) is not None}
     kwargs.update(overrides)
+    if entry.needs == "features":
+        if student_shapes is None or teacher_shapes is None:
+            raise ValueError(f"kd loss {name!r} needs the student's and teacher's feature shapes")
+        return entry.cls.from_shapes(student_shapes, teacher_shapes, num_data, **kwargs)
     return entry.cls(**kwargs)

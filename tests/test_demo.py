@@ -1,0 +1,28 @@
+"""The demo drives the real train-kd code on real Fashion-MNIST images; here with a tiny budget."""
+from __future__ import annotations
+
+import re
+
+from conftest import run_cli
+from vanillakd.demo import main as demo_main
+from vanillakd.errors import run_cli as wrap
+
+TINY = ["--teacher-model", "test_resnet", "--teacher-per-class", "12", "--teacher-epochs", "1",
+        "--student-per-class", "8", "--student-epochs", "1", "--val-per-class", "6", "--batch-size", "16",
+        "--workers", "0"]
+
+
+def test_demo_prints_table_and_reuses_teacher(fashion_mnist, tmp_path, capsys):
+    argv = ["--data", fashion_mnist, "--output", tmp_path / "demo"] + TINY
+    assert run_cli(lambda a: wrap(demo_main, a), argv) == 0
+    out = capsys.readouterr()
+    rows = re.findall(r"^\| (teacher|scratch|vanilla KD|DKD) \| (\S+) \| (\S+) \| ([\d.]+) \|$", out.out, re.M)
+    assert [r[0] for r in rows] == ["teacher", "scratch", "vanilla KD", "DKD"]
+    assert all(0 <= float(r[3]) <= 100 for r in rows)
+    assert (tmp_path / "demo" / "demo-results.md").read_text().count("\n") == 6
+    teacher = tmp_path / "demo" / "teacher" / "model_best.pth.tar"
+    mtime = teacher.stat().st_mtime_ns
+    # the second run reuses the teacher it trained before
+    assert run_cli(lambda a: wrap(demo_main, a), argv) == 0
+    assert "reusing the teacher" in capsys.readouterr().err
+    assert teacher.stat().st_mtime_ns == mtime
