@@ -149,3 +149,8 @@ def test_root_script_prints_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"train-kd.py: error: data dir {tmp_path / 'missing'} does not exist"]
+
+
+def test_sync_bn_on_cpu(capsys, tiny_data, teacher_ckpt, tmp_path):
+    rc = run_cli(train_kd.cli, base_argv(tiny_data, teacher_ckpt, tmp_path, "--sync-bn", "--device", "cpu"))
+    assert_one_line_error(capsys, rc, "--sync-bn needs CUDA GPUs")

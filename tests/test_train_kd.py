@@ -159,3 +159,20 @@ def test_real_fashion_mnist_subset(fashion_mnist, tmp_path, workers):
     assert run_cli(train_kd.cli, argv) == 0
     rows = list(csv.DictReader(open(tmp_path / "fm" / "summary.csv")))
     assert float(rows[0]["eval_top1"]) >= 0 and len(rows) == 1
+
+
+def test_students_trained_together_equal_students_trained_alone(tiny_data, teacher_ckpt, tmp_path):
+    """Several students from one teacher pass = each student trained alone on the same data order."""
+    common = ["--teacher", "test_resnet", "--teacher-pretrained", teacher_ckpt, "--epochs", "2", "-b", "4",
+              "--img-size", "32", "--workers", "1", "--output", tmp_path, "--no-progress", "--aa", "rand-m7-mstd0.5",
+              "--mixup", "0.2", "--cutmix", "1.0", "--opt", "adamw", "--seed", "5"]
+    assert run_cli(train_kd.cli, [tiny_data, "--model", "test_vit", "test_resnet", "--kd-loss", "kd", "dist",
+                                  "--lr", "1e-3", "2e-3", "--experiment", "both", *common]) == 0
+    assert run_cli(train_kd.cli, [tiny_data, "--model", "test_vit", "--kd-loss", "kd", "--lr", "1e-3",
+                                  "--experiment", "vit", *common]) == 0
+    assert run_cli(train_kd.cli, [tiny_data, "--model", "test_resnet", "--kd-loss", "dist", "--lr", "2e-3",
+                                  "--experiment", "resnet", *common]) == 0
+    for alone, together in (("vit", "student0-test_vit-kd"), ("resnet", "student1-test_resnet-dist")):
+        a = torch.load(tmp_path / alone / "last.pth.tar", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "both" / together / "last.pth.tar", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), alone

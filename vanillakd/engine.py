@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .features import Features
 from .precision import Precision
 
@@ -113,7 +114,7 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, channels_
         bar.update()
     bar.close()
     model.train(was_training)
-    loss, top1, top5, agreement, n = sums.tolist()
+    loss, top1, top5, agreement, n = all_reduce_sum(sums).tolist()
     n = max(n, 1.0)
     out = {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
     if teacher is not None:

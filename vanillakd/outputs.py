@@ -76,8 +76,9 @@ def write_args(path: Path, args: Mapping[str, Any]) -> None:
 class Summary:
     """summary.csv, one row per epoch; rewritten whole (atomically) so a crash never leaves half a row."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
+        self.write = write
         self.rows: list[dict[str, Any]] = []
 
     def load(self, keep: Callable[[dict[str, str]], bool] = lambda row: True) -> None:
@@ -90,6 +91,8 @@ class Summary:
         self._write()
 
     def _write(self) -> None:
+        if not self.write:
+            return
         fields: list[str] = []
         for r in self.rows:
             fields.extend(k for k in r if k not in fields)
@@ -108,9 +111,10 @@ def read_summary(path: str | os.PathLike) -> list[dict[str, str]]:
 class CheckpointWriter:
     """Tracks the best eval metric and writes the best checkpoint when it improves."""
 
-    def __init__(self, out_dir: Path, higher_is_better: bool = True):
+    def __init__(self, out_dir: Path, higher_is_better: bool = True, write: bool = True):
         self.out_dir = out_dir
         self.higher_is_better = higher_is_better
+        self.write = write
         self.best: float | None = None
         self.best_epoch: int | None = None
 
@@ -118,6 +122,8 @@ class CheckpointWriter:
         """``last.pth.tar``, plus ``checkpoint-<epoch>.pth.tar`` (a hard link, no second write) keeping the
         newest ``history`` of them; older ones are removed only once the new one is safely on disk."""
         last = self.out_dir / "last.pth.tar"
+        if not self.write:
+            return
         atomic_save(state, last)
         if history <= 0:
             return
@@ -145,6 +151,7 @@ class CheckpointWriter:
         """Write ``name.pth.tar`` when ``metric`` improves on the best so far; return whether it did."""
         if not self.is_better(metric):
             return False
-        atomic_save(make_state(), self.out_dir / f"{name}.pth.tar")
+        if self.write:
+            atomic_save(make_state(), self.out_dir / f"{name}.pth.tar")
         self.best, self.best_epoch = metric, epoch
         return True

@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from .checkpoint import load_state_strict, plain, rng_state
 from .cli.train_args import check_list_lengths, setting
 from .data.loader import mixup_active
+from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
 from .features import Features, FeatureModel, FeatureShapes, probe_shapes
 from .losses import create_kd_loss_from_args, get_kd_loss_entry
@@ -93,11 +94,24 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updat
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
+def _wrap_ddp(objective: torch.nn.Module, device: torch.device, broadcast_buffers: bool):
+    """DDP around the whole objective, so the student and its trainable KD parts (embeddings, ABFs) are
+    synchronised together, whatever forward the method uses. Memory banks that each rank updates with
+    gathered samples (CRD) are not broadcast from rank 0."""
+    from torch.nn.parallel import DistributedDataParallel
+    kd = objective.kd_loss
+    ignore = [f"kd_loss.{name}" for name, _ in kd.named_buffers()] if getattr(kd, "needs_contrast", False) else []
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, ignore)
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=broadcast_buffers)
+
+
 class StudentRun:
     def __init__(self, index: int, s: StudentSetting, args: argparse.Namespace, num_classes: int,
                  device: torch.device, precision: Precision, updates_per_epoch: int, out_dir: Path,
                  loss_kind: str = "logits", teacher_shapes: FeatureShapes | None = None, num_data: int = 0,
-                 input_size: tuple[int, int, int] | None = None):
+                 input_size: tuple[int, int, int] | None = None, dist_info: DistInfo = DistInfo()):
         """``loss_kind``: 'logits' (train-kd: logit methods only) or 'features' (train-fd / train-crd: any
         method); feature methods need ``teacher_shapes``, the training-set size and the input size."""
         self.index, self.setting, self.device, self.precision = index, s, device, precision
@@ -112,6 +126,8 @@ class StudentRun:
             trust=args.trust_checkpoint, drop_rate=s.drop, drop_path_rate=s.drop_path,
             drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps, in_chans=args.in_chans).to(device)
+        if args.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         forward_model, kd_loss = self.model, None
@@ -132,6 +148,10 @@ class StudentRun:
         self.objective = KDObjective(forward_model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
                                      smoothing=s.smoothing if mixup_active(args) else 0.0,
                                      student_resize=args.student_resize)
+        self.dist = dist_info
+        self.forward = self.objective
+        if dist_info.distributed:
+            self.forward = _wrap_ddp(self.objective, device, broadcast_buffers=not args.no_ddp_bb)
         self.optimizer = _optimizer(self.model, s, args)
         kd_params = [p for p in kd_loss.parameters() if p.requires_grad] if kd_loss is not None else []
         if kd_params:
@@ -144,12 +164,13 @@ class StudentRun:
         self._clip_mode = args.clip_mode
         self.num_updates = 0
         higher = args.eval_metric != "loss"
-        self.out_dir = make_output_dir(out_dir)
-        self.summary = Summary(self.out_dir / "summary.csv")
-        self.saver = CheckpointWriter(self.out_dir, higher)
-        self.ema_savers = [CheckpointWriter(self.out_dir, higher) for _ in self.emas]
+        # rank 0 alone writes; the others keep the same bookkeeping in memory
+        self.out_dir = make_output_dir(out_dir) if dist_info.primary else Path(out_dir)
+        self.summary = Summary(self.out_dir / "summary.csv", write=dist_info.primary)
+        self.saver = CheckpointWriter(self.out_dir, higher, write=dist_info.primary)
+        self.ema_savers = [CheckpointWriter(self.out_dir, higher, write=dist_info.primary) for _ in self.emas]
         self.log = logging.getLogger(f"vanillakd.student{index}")
-        self._log_file = add_log_file(self.log, self.out_dir / "log.txt")
+        self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if dist_info.primary else None
         self._sums = torch.zeros(3, device=device)
         self._steps = 0
 
@@ -190,8 +211,9 @@ class StudentRun:
         return epoch + 1
 
     def close(self) -> None:
-        self.log.removeHandler(self._log_file)
-        self._log_file.close()
+        if self._log_file is not None:
+            self.log.removeHandler(self._log_file)
+            self._log_file.close()
 
     def ema_name(self, i: int) -> str:
         return "ema" if len(self.emas) == 1 else f"ema{self.setting.ema_decays[i]:g}"
@@ -205,7 +227,7 @@ class StudentRun:
                    extras: dict | None = None, epoch: int | None = None) -> None:
         """Forward, backward, optimizer / schedule / EMA updates; no host synchronisation."""
         with self.precision.autocast():
-            out = self.objective(x, target, teacher_out, extras, epoch)
+            out = self.forward(x, target, teacher_out, extras, epoch)
         loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.setting.clip_grad
@@ -233,8 +255,8 @@ class StudentRun:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def train_metrics(self) -> dict[str, float]:
-        """Mean losses since ``train()`` (one host sync)."""
-        loss, base, kd = (self._sums / max(self._steps, 1)).tolist()
+        """Mean losses since ``train()``, averaged over ranks (one host sync)."""
+        loss, base, kd = all_reduce_mean(self._sums / max(self._steps, 1)).tolist()
         return {"loss": loss, "base_loss": base, "kd_loss": kd}
 
     def lr(self) -> float:

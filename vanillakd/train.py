@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
+from timm.utils import distribute_bn
 from timm.data import resolve_data_config
 
 from .checkpoint import load_file, set_rng_state
 from .data.folder import build_train_val
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
+from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
 from .features import FeatureModel, probe_shapes
@@ -81,23 +84,40 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
     logger = setup_console_logging()
     settings = student_settings(args)
     _check_args(args, settings)
-    device = resolve_device(args.device, args.local_rank)
+    want_cuda = args.device.startswith("cuda") if args.device else None
+    info = init_distributed(args.local_rank, want_cuda, args.dist_timeout)
+    device = resolve_device(args.device, info.local_rank)
+    check_sync_bn(args.sync_bn, device)
+    if not info.primary:
+        logger.setLevel(logging.WARNING)  # rank 0 alone prints progress
     precision = Precision.create(device, args.amp, args.amp_dtype)
-    seed_everything(args.seed)
+    seed_everything(args.seed + info.rank)
 
     train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
                                                           args.class_map, args.num_classes)
-    run_dir = make_output_dir(_run_dir(args))
-    root_log = add_log_file(logger, run_dir / "log.txt")
+    run_dir = _shared_run_dir(args, info)
+    root_log = add_log_file(logger, run_dir / "log.txt") if info.primary else None
     students: list[StudentRun] = []
     try:
-        return _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind,
-                    students)
+        results = _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind,
+                       students, info)
+        teardown(info)
+        return results
     finally:
         for st in students:
             st.close()
-        logger.removeHandler(root_log)
-        root_log.close()
+        if root_log is not None:
+            logger.removeHandler(root_log)
+            root_log.close()
+        logger.setLevel(logging.INFO)
+
+
+def _shared_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
+    """The run folder, chosen by rank 0 (its name may hold a timestamp) and made by rank 0 alone."""
+    run_dir = [str(make_output_dir(_run_dir(args)))] if info.primary else [None]
+    if info.distributed:
+        dist.broadcast_object_list(run_dir, src=0)
+    return Path(run_dir[0])
 
 
 def _build_teacher(args, settings, num_classes: int, device: torch.device, input_size):
@@ -175,7 +195,8 @@ def _resume(args: argparse.Namespace, students: list[StudentRun]) -> int:
     return epochs[0]
 
 
-def _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind, students):
+def _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind, students,
+         info: DistInfo = DistInfo()):
     log.info(f"data: {len(train_split.dataset)} train / {len(val_split.dataset)} val images, {num_classes} classes;"
              f" device {device}, {precision}")
     # input size, crop and normalisation follow the first student's timm config unless flags override
@@ -183,32 +204,39 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
     input_size = tuple(data_config["input_size"])
     teacher, teacher_shapes = _build_teacher(args, settings, num_classes, device, input_size)
     train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
+                                      world_size=info.world_size, rank=info.rank,
                                       contrast_k=_contrast_k(args, settings))
     eval_loader = build_eval_loader(val_split.dataset, data_config, args.validation_batch_size or args.batch_size,
-                                    args.workers, device, pin_memory=args.pin_mem)
+                                    args.workers, device, distributed=info.distributed, pin_memory=args.pin_mem)
     steps = len(train_loader) if args.max_train_steps is None else min(len(train_loader), args.max_train_steps)
 
     for i, s in enumerate(settings):
         out_dir = run_dir if len(settings) == 1 else run_dir / f"student{i}-{s.tag}"
         students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind,
                                    teacher_shapes=teacher_shapes, num_data=len(train_split.dataset),
-                                   input_size=input_size))
+                                   input_size=input_size, dist_info=info))
     start_epoch = _resume(args, students) if args.resume else (args.start_epoch or 0)
-    for st in students:
-        write_args(st.out_dir, vars(args))
-    if len(students) > 1:
-        write_args(run_dir, vars(args))
+    if info.primary:
+        for st in students:
+            write_args(st.out_dir, vars(args))
+        if len(students) > 1:
+            write_args(run_dir, vars(args))
     num_epochs = students[0].num_epochs
     log.info(f"training {len(students)} student(s) for {num_epochs} epochs of {steps} steps, batch "
-             f"{args.batch_size}, input {input_size}; "
+             f"{args.batch_size}" + (f" x {info.world_size} processes" if info.distributed else "") +
+             f", input {input_size}; "
              f"teacher {args.teacher if teacher is not None else 'none'}; outputs in {run_dir}")
 
     for epoch in range(start_epoch, num_epochs):
         set_epoch(train_loader, epoch, args.mixup_off_epoch)
         t0 = time.perf_counter()
         train_metrics = train_one_epoch(epoch, train_loader, teacher, students, precision, args.channels_last,
-                                        args.log_interval, args.max_train_steps, args.progress)
+                                        args.log_interval, args.max_train_steps,
+                                        args.progress if info.primary else False)
         train_time = time.perf_counter() - t0
+        if info.distributed and args.dist_bn:
+            for st in students:  # ranks saw different batches: make their BN statistics agree
+                distribute_bn(st.model, info.world_size, reduce=args.dist_bn == "reduce")
         do_eval = should_evaluate(epoch, num_epochs, args.eval_interval, args.eval_interval_end)
         for st, tm in zip(students, train_metrics):
             row = {"epoch": epoch, "lr": st.lr(), "train_loss": tm["loss"], "train_base_loss": tm["base_loss"],
@@ -217,6 +245,10 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
             _evaluate_and_save(st, epoch, args, row, eval_loader, precision, do_eval)
     results = []
     for st in students:
+        if info.distributed:
+            synced = replicas_in_sync(st.model)
+            (st.log.info if synced else st.log.warning)(
+                f"replicas {'in sync' if synced else 'DIFFER'}: student weights compared on {info.world_size} ranks")
         best = st.saver.best
         st.log.info(f"done: best {args.eval_metric} {best if best is None else round(best, 3)} "
                     f"(epoch {st.saver.best_epoch}); outputs in {st.out_dir}")

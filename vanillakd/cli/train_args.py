@@ -189,8 +189,15 @@ def add_misc_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for logs)")
     g.add_argument("--max-train-steps", type=int, default=None,
                    help="stop each epoch after this many steps (smoke tests, benchmarks)")
+    g = p.add_argument_group("Distributed (torchrun / torch.distributed.launch)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=0,
                    help="set by torch.distributed.launch")
+    g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
+                   help="after each epoch, average (reduce) or copy from rank 0 (broadcast) BN statistics")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
+    g.add_argument("--no-ddp-bb", action="store_true", help="do not broadcast buffers in DDP's forward")
+    g.add_argument("--dist-timeout", type=pos_int, default=1800,
+                   help="seconds a rank waits in a collective before the job fails (e.g. a dead rank)")
 
 
 def build_train_parser(prog: str, description: str, default_loss: str = "kd") -> argparse.ArgumentParser:

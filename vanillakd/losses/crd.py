@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..distributed import all_gather_cat, all_reduce_mean
 from ._common import full_precision, last_feature
 from .registry import register_kd_loss
 
@@ -67,12 +68,14 @@ class CRD(nn.Module):
             out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
             out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
             with torch.no_grad():  # fixed on the first call, without reading it back to the host
-                first = torch.stack([out_s.mean(), out_t.mean()]) * self.num_data
+                first = all_reduce_mean(torch.stack([out_s.mean(), out_t.mean()])) * self.num_data
                 self.z.copy_(torch.where(self.z < 0, first, self.z))
             out_s, out_t = out_s / self.z[0], out_t / self.z[1]
             with torch.no_grad():
-                self._update(self.memory_s, index, v_s)
-                self._update(self.memory_t, index, v_t)
+                # under DDP every rank applies every rank's updates, so the memories stay identical
+                index_all = all_gather_cat(index)
+                self._update(self.memory_s, index_all, all_gather_cat(v_s.detach()))
+                self._update(self.memory_t, index_all, all_gather_cat(v_t.detach()))
             return nce_loss(out_s, self.num_data) + nce_loss(out_t, self.num_data)
 
     def _update(self, memory: torch.Tensor, index: torch.Tensor, v: torch.Tensor) -> None:
