@@ -12,6 +12,8 @@ COMMANDS = {
     "train-fd": ("vanillakd.cli.train_fd", "feature distillation: correlation, rkd, review (train-fd.py)"),
     "train-crd": ("vanillakd.cli.train_crd", "contrastive representation distillation (train-crd.py)"),
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
+    "export": ("vanillakd.cli.export", "a checkpoint as a plain timm folder (model.safetensors + config.json)"),
+    "zoo": ("vanillakd.cli.zoo", "list or fetch the published VanillaKD students"),
     "prepare": ("vanillakd.cli.prepare", "write a dataset as an ImageFolder (fashion-mnist)"),
     "demo": ("vanillakd.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),
 }

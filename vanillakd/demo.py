@@ -38,10 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="data/fashion-mnist", help="Fashion-MNIST ImageFolder (prepared if missing)")
     p.add_argument("--source", default=None, help="folder with the idx files (default: Debian's package)")
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--teacher-model", default="resnet10t")
-    p.add_argument("--teacher-per-class", type=int, default=500)
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--teacher-model", default="test_resnet")
+    p.add_argument("--teacher-per-class", type=int, default=2000)
+    p.add_argument("--teacher-epochs", type=int, default=4)
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--student-model", default="test_resnet")
     p.add_argument("--student-per-class", type=int, default=200)
     p.add_argument("--student-epochs", type=int, default=15)
@@ -49,11 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--val-per-class", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (tiny models on 2 cores: one thread and one loader worker are fastest)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from .outputs import setup_console_logging
     setup_console_logging()
+    import torch
+    torch.set_num_threads(args.threads)
 
     if not is_prepared(args.data):
         log.info(f"preparing Fashion-MNIST in {args.data} ...")

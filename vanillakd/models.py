@@ -50,14 +50,19 @@ class FrozenTeacher(nn.Module):
     ``model`` may be a ``features.FeatureModel``, for feature methods: the forward then returns ``Features``.
     """
 
-    def __init__(self, model: nn.Module, resize: int | None = None):
+    def __init__(self, model: nn.Module, resize: int | None = None, renorm: tuple[tuple, tuple, tuple, tuple] | None = None):
+        """``renorm``: (student mean, student std, teacher mean, teacher std): the batch arrives normalised for
+        the student and is re-normalised so the teacher sees its own normalisation of the raw image."""
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.resize = resize
-
-    @property
-    def input_resize(self) -> int | None:
-        return self.resize
+        self.renorm = None
+        if renorm is not None:
+            mean_s, std_s, mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in renorm)
+            # x_t = (x_s * std_s + mean_s - mean_t) / std_t, as one multiply-add
+            self.register_buffer("_scale", std_s / std_t, persistent=False)
+            self.register_buffer("_shift", (mean_s - mean_t) / std_t, persistent=False)
+            self.renorm = renorm
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # whatever the caller asks (e.g. a parent module's .train()), BN / dropout stay in inference mode
@@ -65,6 +70,8 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renorm is not None:
+            x = torch.addcmul(self._shift.to(x.dtype), x, self._scale.to(x.dtype))
         if self.resize is not None and x.shape[-1] != self.resize:
             x = resize_batch(x, self.resize)
         return self.model(x)
@@ -75,20 +82,59 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def check_teacher_name(name: str) -> None:
+    """A timm name, or a timm ``hf-hub:`` / ``local-dir:`` source."""
+    if not name.startswith(("hf-hub:", "local-dir:")):
+        check_model_name(name.split(".")[0] if not timm.is_model(name) else name, "teacher")
+
+
+def teacher_input_adapter(model: nn.Module, student_config: dict, resize: int | None,
+                          log=None) -> tuple[int | None, tuple | None]:
+    """(resize, renorm) so that the teacher gets its own normalisation and, when its input size is fixed and
+    differs from the student's (and ``--teacher-resize`` is not given), its own resolution."""
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    renorm = None
+    if tuple(cfg["mean"]) != tuple(student_config["mean"]) or tuple(cfg["std"]) != tuple(student_config["std"]):
+        renorm = (tuple(student_config["mean"]), tuple(student_config["std"]), tuple(cfg["mean"]), tuple(cfg["std"]))
+        if log:
+            log(f"teacher normalisation mean {tuple(cfg['mean'])} std {tuple(cfg['std'])} differs from the "
+                f"student's: the batch is re-normalised for the teacher")
+    fixed = getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False)
+    size = cfg["input_size"][-1]
+    if resize is None and fixed and size != student_config["input_size"][-1]:
+        resize = size
+        if log:
+            log(f"teacher takes a fixed {size}px input: the batch is resized for it (set --teacher-resize to choose)")
+    return resize, renorm
+
+
 def create_teacher(name: str, num_classes: int, weights: str | None, resize: int | None = None,
-                   trust: bool = False) -> FrozenTeacher:
-    """The teacher from a weights file, or from timm's pretrained weights when no file is given."""
-    check_model_name(name, "teacher")
+                   trust: bool = False, student_config: dict | None = None, log=None) -> FrozenTeacher:
+    """The teacher from a weights file, or from timm's pretrained weights / hub tag when no file is given."""
+    check_teacher_name(name)
     if weights:
         if not os.path.exists(weights):
             raise UserError(f"teacher checkpoint {weights} does not exist")
         model = _create(name, False, num_classes=num_classes)
         load_weights(model, weights, what="teacher", use_ema=True, trust=trust)
     else:
-        cfg = timm.models.get_pretrained_cfg(name)
+        model = _pretrained_teacher(name, num_classes)
+    renorm = None
+    if student_config is not None:
+        resize, renorm = teacher_input_adapter(model, student_config, resize, log)
+    return FrozenTeacher(model, resize, renorm)
+
+
+def _pretrained_teacher(name: str, num_classes: int) -> nn.Module:
+    """timm's pretrained weights (a name, ``name.tag``, or an ``hf-hub:`` / ``local-dir:`` source)."""
+    if not name.startswith(("hf-hub:", "local-dir:")):
+        cfg = timm.models.get_pretrained_cfg(name.split(".")[0] if "." in name else name)
         hub_classes = getattr(cfg, "num_classes", None)
         if hub_classes is not None and hub_classes != num_classes:
             raise UserError(f"timm's pretrained {name} has {hub_classes} classes but the data has {num_classes}; "
                             "pass --teacher-pretrained with a teacher trained on your classes")
-        model = _create(name, True, num_classes=num_classes)
-    return FrozenTeacher(model, resize)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not name.startswith("local-dir:"):
+        raise UserError(f"HF_HUB_OFFLINE is set, so timm's pretrained weights for teacher {name} cannot be "
+                        "fetched; pass --teacher-pretrained PATH (a .pth / .safetensors file)")
+    return _create(name, True, num_classes=num_classes)

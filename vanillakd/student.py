@@ -162,6 +162,7 @@ class StudentRun:
         self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
                      for d in s.ema_decays]
         self._clip_mode = args.clip_mode
+        self.meta: dict[str, Any] = {}  # data_config, class names: what export and validate need later
         self.num_updates = 0
         higher = args.eval_metric != "loss"
         # rank 0 alone writes; the others keep the same bookkeeping in memory
@@ -275,7 +276,7 @@ class StudentRun:
             "args": plain(vars(args)), "setting": plain(asdict(self.setting)), "metric": metric,
             "best": {"metric": self.saver.best, "epoch": self.saver.best_epoch,
                      "ema": [[w.best, w.best_epoch] for w in self.ema_savers]},
-            "rng": rng_state(),
+            "rng": rng_state(), **self.meta,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()

@@ -19,14 +19,14 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 from timm.data import resolve_data_config
 
-from .checkpoint import load_file, set_rng_state
+from .checkpoint import load_file, plain, set_rng_state
 from .data.folder import build_train_val
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
 from .features import FeatureModel, probe_shapes
-from .models import check_model_name, create_teacher
+from .models import check_model_name, check_teacher_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
 from .precision import Precision, resolve_device
 from .losses import get_kd_loss_entry
@@ -52,7 +52,7 @@ def _check_args(args: argparse.Namespace, settings: list) -> None:
         if name != NO_KD:
             get_kd_loss_entry(name)
     if any(s.uses_teacher for s in settings):
-        check_model_name(args.teacher, "teacher")
+        check_teacher_name(args.teacher)
 
 
 def _data_config(args: argparse.Namespace, model_name: str) -> dict:
@@ -120,7 +120,7 @@ def _shared_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
     return Path(run_dir[0])
 
 
-def _build_teacher(args, settings, num_classes: int, device: torch.device, input_size):
+def _build_teacher(args, settings, num_classes: int, device: torch.device, data_config: dict):
     """The frozen teacher (None when no student distils), with feature extraction when a student's method
     needs features, and then the teacher's feature shapes."""
     users = [s for s in settings if s.uses_teacher]
@@ -128,13 +128,14 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, input
         return None, None
     entries = [get_kd_loss_entry(s.kd_loss) for s in users]
     teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, args.teacher_resize,
-                             trust=args.trust_checkpoint)
+                             trust=args.trust_checkpoint, log=log.info,
+                             student_config=data_config if args.teacher_norm == "auto" else None)
     shapes = None
     if any(e.needs == "features" for e in entries):
         preact = any(getattr(e.cls, "preact", False) for e in entries)
         teacher.model = FeatureModel(teacher.model, preact=preact, name=args.teacher)
-        size = input_size if args.teacher_resize is None else (input_size[0], args.teacher_resize,
-                                                                args.teacher_resize)
+        input_size = tuple(data_config["input_size"])
+        size = input_size if teacher.resize is None else (input_size[0], teacher.resize, teacher.resize)
         shapes = probe_shapes(teacher.model.to(device), size, device)
     teacher.to(device)
     if args.channels_last:
@@ -202,7 +203,7 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
     # input size, crop and normalisation follow the first student's timm config unless flags override
     data_config = _data_config(args, settings[0].model)
     input_size = tuple(data_config["input_size"])
-    teacher, teacher_shapes = _build_teacher(args, settings, num_classes, device, input_size)
+    teacher, teacher_shapes = _build_teacher(args, settings, num_classes, device, data_config)
     train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
                                       world_size=info.world_size, rank=info.rank,
                                       contrast_k=_contrast_k(args, settings))
@@ -215,6 +216,8 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
         students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind,
                                    teacher_shapes=teacher_shapes, num_data=len(train_split.dataset),
                                    input_size=input_size, dist_info=info))
+    for st in students:
+        st.meta = {"data_config": plain(data_config), "classes": list(train_split.classes)}
     start_epoch = _resume(args, students) if args.resume else (args.start_epoch or 0)
     if info.primary:
         for st in students:

@@ -71,6 +71,9 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
     g.add_argument("--teacher-pretrained", default=None,
                    help="teacher weights file; without it timm's pretrained weights are fetched")
     g.add_argument("--teacher-resize", type=pos_int, default=None, help="resize the batch to this for the teacher")
+    g.add_argument("--teacher-norm", default="auto", choices=["auto", "student"],
+                   help="auto: re-normalise the batch for the teacher when its mean/std differ from the student's; "
+                        "student: feed the student's normalisation, as the seed did")
     g.add_argument("--student-resize", type=pos_int, default=None, help="resize the batch to this for the student")
     g.add_argument("--kd-loss", default=[default_loss], nargs="+", help="distillation method(s) by name")
     g.add_argument("--kd-loss-weight", type=float, default=[1.0], nargs="+")

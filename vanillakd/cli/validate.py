@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", default="")
     p.add_argument("--model", "-m", default="resnet50", help="timm architecture")
     p.add_argument("--checkpoint", default="", help="weights file (state_dict, or dict with state_dict / model ...)")
+    p.add_argument("--zoo", default=None, metavar="NAME",
+                   help="a published VanillaKD student: sets --model and --checkpoint (fetched if missing)")
+    p.add_argument("--zoo-dir", default=None, help="where zoo files live (default ~/.cache/vanillakd/zoo)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights when no --checkpoint")
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights from the checkpoint")
     p.add_argument("--num-classes", type=pos_int, default=None, help="defaults to the number of class folders")
@@ -59,6 +62,10 @@ def validate(args: argparse.Namespace) -> dict:
     from ..models import create_student, create_teacher
     from ..precision import Precision, resolve_device
 
+    if args.zoo:
+        from .. import zoo
+        m = zoo.get(args.zoo)
+        args.model, args.checkpoint = m.arch, str(zoo.fetch(args.zoo, args.zoo_dir))
     if not args.checkpoint and not args.pretrained:
         raise UserError("give --checkpoint PATH (or --pretrained for timm's own weights)")
     split = build_eval_split(args.data_dir, args.split, args.class_map)
