@@ -13,7 +13,7 @@ from conftest import make_image_folder
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.data.fashion_mnist import CLASSES, is_prepared, make_subset, prepare_fashion_mnist, read_idx
 from vanillakd.data.folder import build_train_val, find_split
-from vanillakd.data.loader import build_train_loader
+from vanillakd.data.loader import build_train_loader, set_epoch
 from vanillakd.errors import UserError
 
 
@@ -105,20 +105,31 @@ def test_train_loader_batches_mixup_targets_and_repeats(tiny_data):
     assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6  # normalised with mean = std = 0.5
     # repeated augmentation (DeiT / timm semantics, here in one process): an epoch keeps its length and
     # each image drawn appears 3 times, in consecutive positions
-    indices = list(loader.sampler)
+    indices = [index for _, _, index in loader.sampler]
     assert len(indices) == 24 and len(loader) == 6
     counts = torch.bincount(torch.tensor(indices))
     assert set(counts[counts > 0].tolist()) == {3} and indices[0] == indices[1] == indices[2]
 
 
-def test_train_loader_is_seeded(tiny_data):
-    """Sample order and worker augmentation seeds derive from --seed alone."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stream_is_replayable(tiny_data, workers):
+    """Augmentation and mixup derive from (seed, epoch, position) alone: not from the global RNG, the worker
+    count, or where in the epoch iteration started."""
     train, _, n = build_train_val(tiny_data)
     cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    batches = []
-    for _ in range(2):
-        torch.manual_seed(len(batches))  # the global RNG must not matter
-        loader = build_train_loader(train.dataset, cfg, loader_args(seed=7, workers=2), n, torch.device("cpu"))
-        loader.sampler.set_epoch(1)
-        batches.append(next(iter(loader)))
-    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+    args = dict(seed=7, aa="rand-m7-mstd0.5", mixup=0.5, cutmix=1.0)
+
+    def batches(workers, start=0, rng=0):
+        torch.manual_seed(rng)
+        loader = build_train_loader(train.dataset, cfg, loader_args(workers=workers, **args), n, torch.device("cpu"))
+        set_epoch(loader, 1, start)
+        return list(loader)
+
+    ref = batches(0)
+    assert len(ref) == 6
+    for got in (batches(workers, rng=5), [None, None] + batches(workers, start=2, rng=9)):
+        for a, b in zip(ref[2:], got[2:]):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    other_epoch = build_train_loader(train.dataset, cfg, loader_args(workers=0, **args), n, torch.device("cpu"))
+    set_epoch(other_epoch, 2)
+    assert not torch.equal(next(iter(other_epoch))[0], ref[0][0])

@@ -61,7 +61,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, teacher, tmp_path, entry, m
 
 def test_resume_errors(tiny_data, teacher, tmp_path, capsys):
     assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "r", "--resume", "auto")) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no valid checkpoint" in capsys.readouterr().err
     assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "r", "--resume", tmp_path / "nope.pth")) == 2
     assert "does not exist" in capsys.readouterr().err
     vit = tmp_path / "vit"
@@ -71,3 +71,76 @@ def test_resume_errors(tiny_data, teacher, tmp_path, capsys):
                vit / "last.pth.tar")
     assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "x", "--resume", vit / "last.pth.tar")) == 2
     assert "checkpoint of 'test_vit', not of --model test_resnet" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bigger_data(tmp_path_factory):
+    from conftest import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp("big"), classes=("a", "b"), per_class=(100, 4), size=48)
+
+
+def kill_argv(data, teacher, out, name, *extra):
+    return [data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", teacher,
+            "--num-classes", "2", "--epochs", "3", "-b", "4", "--img-size", "48", "--workers", "2", "--output", out,
+            "--experiment", name, "--no-progress", "--opt", "adamw", "--lr", "1e-3", "--seed", "11",
+            "--aa", "rand-m7-mstd0.5", "--mixup", "0.2", "--cutmix", "1.0", "--recovery-interval", "5",
+            "--model-ema", "--log-interval", "10", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted(bigger_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    teacher2 = save_teacher(tmp_path / "t2.pth", "test_resnet", num_classes=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "train-kd.py")]
+    full = subprocess.run(cmd + [str(a) for a in kill_argv(bigger_data, teacher2, tmp_path, "full")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    proc = subprocess.Popen(cmd + [str(a) for a in kill_argv(bigger_data, teacher2, tmp_path, "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recovery = tmp_path / "killed" / "recovery.pth.tar"
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        if recovery.is_file():
+            ckpt = torch.load(recovery, weights_only=True)
+            if ckpt["epoch"] == 1 and ckpt["step"] >= 10:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = (ckpt["epoch"], ckpt["step"])
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the run ended before it could be killed in epoch 1"
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)["epoch"] == 0
+
+    resumed = subprocess.run(cmd + [str(a) for a in kill_argv(bigger_data, teacher2, tmp_path, "killed",
+                                                              "--resume", "auto")],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "continuing at epoch 1, step" in resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)
+    assert_same_state(a["state_dict"], b["state_dict"])
+    assert_same_state(a["state_dict_ema"], b["state_dict_ema"])
+    assert rows(tmp_path / "full" / "summary.csv") == rows(tmp_path / "killed" / "summary.csv")
+
+
+def test_resume_auto_skips_damaged_checkpoints(tiny_data, teacher, tmp_path):
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "run", "--kd-loss", "kd")) == 0
+    run = tmp_path / "run"
+    last = run / "last.pth.tar"  # a hard link of checkpoint-2: damaging it damages both
+    data = last.read_bytes()
+    with open(last, "r+b") as f:
+        f.truncate(len(data) // 2)
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "run", "--kd-loss", "kd", "--epochs", "4",
+                                      "--resume", "auto")) == 0
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 3
+    assert [r["epoch"] for r in rows(run / "summary.csv")] == ["0", "1", "2", "3"]

@@ -36,9 +36,19 @@ def trained(tiny_data, teacher_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     argv = [tiny_data, "--model", "test_vit", "--teacher", "test_resnet", "--teacher-pretrained", teacher_ckpt,
             "--epochs", "1", "-b", "4", "--img-size", "32", "--workers", "0", "--output", out, "--experiment", "s",
-            "--no-progress", "--model-ema", "--model-ema-decay", "0.5", "--mean", "0.4", "0.4", "0.4"]
+            "--no-progress", "--model-ema", "--model-ema-decay", "0.5", "--mean", "0.4", "0.4", "0.4",
+            "--save-safetensors"]
     assert run_cli(train_kd.cli, argv) == 0
     return out / "s" / "last.pth.tar"
+
+
+def test_save_safetensors_exports_the_best_student(trained):
+    export = trained.parent / "export"
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    from safetensors.torch import load_file
+    best = torch.load(trained.parent / "model_best.pth.tar", weights_only=True)["state_dict"]
+    saved = load_file(str(export / "model.safetensors"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in best)
 
 
 @pytest.mark.parametrize("use_ema", [False, True])

@@ -14,6 +14,7 @@ COMMANDS = {
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
     "export": ("vanillakd.cli.export", "a checkpoint as a plain timm folder (model.safetensors + config.json)"),
     "zoo": ("vanillakd.cli.zoo", "list or fetch the published VanillaKD students"),
+    "check-data": ("vanillakd.cli.check_data", "list truncated or non-image files in an ImageFolder"),
     "prepare": ("vanillakd.cli.prepare", "write a dataset as an ImageFolder (fashion-mnist)"),
     "demo": ("vanillakd.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),
 }

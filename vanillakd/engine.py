@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,15 +45,20 @@ def _eta(seconds: float) -> str:
 
 def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, students: Sequence,
                     precision: Precision, channels_last: bool = False, log_interval: int = 50,
-                    max_steps: int | None = None, progress: bool | None = None) -> list[dict[str, float]]:
-    """One pass over ``loader``; returns each student's mean losses."""
+                    max_steps: int | None = None, progress: bool | None = None, start_step: int = 0,
+                    after_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+    """One pass over ``loader`` (which yields the epoch's batches from ``start_step`` on, for a resumed
+    epoch); ``after_step(done, total)`` runs after each step. Returns each student's mean losses."""
     for s in students:
-        s.train()
-    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+        s.train(keep_sums=start_step > 0)
+    total = start_step + len(loader)
+    if max_steps is not None:
+        total = min(total, max_steps)
     bar = Progress(total, f"train {epoch}", progress)
+    bar.update(start_step)
     start = time.perf_counter()
     batch_size = None
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=start_step):
         if step >= total:
             break
         x, target = batch[0], batch[1]
@@ -71,13 +76,15 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
         done = step + 1
         if done % log_interval == 0 or done == total:
             elapsed = time.perf_counter() - start
-            rate = done * batch_size / max(elapsed, 1e-9)
-            eta = _eta(elapsed / done * (total - done))
+            rate = (done - start_step) * batch_size / max(elapsed, 1e-9)
+            eta = _eta(elapsed / (done - start_step) * (total - done))
             for s in students:
                 m = s.train_metrics()
                 s.log.info(f"Train {epoch} [{done:>4d}/{total}] loss {m['loss']:.4f} (base {m['base_loss']:.4f} "
                            f"kd {m['kd_loss']:.4f}) lr {s.lr():.3e} {rate:.1f} img/s ETA {eta}"
                            + (f" [{s.setting.tag}]" if len(students) > 1 else ""))
+        if after_step is not None:
+            after_step(done, total)
     bar.close()
     return [s.train_metrics() for s in students]
 

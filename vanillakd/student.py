@@ -94,6 +94,10 @@ def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updat
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
+class NonFiniteLoss(UserError):
+    """The loss went NaN / inf: the run stops before anything non-finite is saved."""
+
+
 def _wrap_ddp(objective: torch.nn.Module, device: torch.device, broadcast_buffers: bool):
     """DDP around the whole objective, so the student and its trainable KD parts (embeddings, ABFs) are
     synchronised together, whatever forward the method uses. Memory banks that each rank updates with
@@ -174,9 +178,14 @@ class StudentRun:
         self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if dist_info.primary else None
         self._sums = torch.zeros(3, device=device)
         self._steps = 0
+        # first non-finite step of the run and which terms were non-finite there, kept on the device
+        self._bad = torch.full((3,), -1, dtype=torch.int64, device=device)  # step, base bad, kd bad
+        self._max_nonfinite = args.max_nonfinite
+        self._skipped_in_a_row = 0
 
-    def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> int:
-        """Restore everything that decides this student's future from ``ckpt``; return the next epoch."""
+    def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> tuple[int, int]:
+        """Restore everything that decides this student's future from ``ckpt``; return the (epoch, step)
+        to continue from."""
         arch = ckpt.get("arch")
         if arch != self.setting.model:
             raise UserError(f"--resume {path} is a checkpoint of {arch!r}, not of --model {self.setting.model}")
@@ -205,11 +214,17 @@ class StudentRun:
         self.saver.best, self.saver.best_epoch = best.get("metric"), best.get("epoch")
         for w, (metric, epoch) in zip(self.ema_savers, best.get("ema", [])):
             w.best, w.best_epoch = metric, epoch
-        epoch = int(ckpt["epoch"])
+        epoch, step = int(ckpt["epoch"]), ckpt.get("step")
+        if step is not None:  # mid-epoch: continue the epoch's running sums and its batches
+            sums = ckpt.get("train_sums", {})
+            self._sums.copy_(sums.get("sums", torch.zeros(3)))
+            self._steps = int(sums.get("steps", 0))
+            self.summary.load(keep=lambda row: int(row["epoch"]) < epoch)
+            return epoch, int(step)
         # the checkpoint was written before the epoch-end schedule step: take that step now
         self.end_epoch(epoch, ckpt.get("metric"))
         self.summary.load(keep=lambda row: int(row["epoch"]) <= epoch)
-        return epoch + 1
+        return epoch + 1, 0
 
     def close(self) -> None:
         if self._log_file is not None:
@@ -219,10 +234,12 @@ class StudentRun:
     def ema_name(self, i: int) -> str:
         return "ema" if len(self.emas) == 1 else f"ema{self.setting.ema_decays[i]:g}"
 
-    def train(self) -> None:
+    def train(self, keep_sums: bool = False) -> None:
+        """Training mode; the epoch's running loss sums restart unless a resumed epoch continues them."""
         self.objective.train()
-        self._sums.zero_()
-        self._steps = 0
+        if not keep_sums:
+            self._sums.zero_()
+            self._steps = 0
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | Features | None,
                    extras: dict | None = None, epoch: int | None = None) -> None:
@@ -230,6 +247,10 @@ class StudentRun:
         with self.precision.autocast():
             out = self.forward(x, target, teacher_out, extras, epoch)
         loss = out["loss"]
+        terms = torch.stack([out["base_loss"].float(), out["kd_loss"].float()])
+        if self._max_nonfinite > 0 and self._skip_nonfinite(loss, terms):
+            return
+        self._record_nonfinite(loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.setting.clip_grad
         if self.scaler is not None:
@@ -252,11 +273,42 @@ class StudentRun:
         self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
         self._steps += 1
 
+    def _record_nonfinite(self, loss: torch.Tensor, terms: torch.Tensor) -> None:
+        """Remember the first non-finite step on the device (read by ``check_finite`` at log points)."""
+        bad_terms = (~torch.isfinite(terms)).long()
+        first = (self._bad[0] < 0) & ~torch.isfinite(loss)
+        here = torch.cat([torch.full((1,), self.num_updates, dtype=torch.int64, device=self._bad.device), bad_terms])
+        self._bad.copy_(torch.where(first, here, self._bad))
+
+    def _skip_nonfinite(self, loss: torch.Tensor, terms: torch.Tensor) -> bool:
+        """``--max-nonfinite N``: one host read per step; skip a non-finite step, stop after N in a row."""
+        if bool(torch.isfinite(loss)):
+            self._skipped_in_a_row = 0
+            return False
+        self._skipped_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._skipped_in_a_row > self._max_nonfinite:
+            self._record_nonfinite(loss, terms)
+            self.check_finite()
+        self.log.warning(f"skipped step {self.num_updates}: non-finite loss ({self._skipped_in_a_row} in a row)")
+        return True
+
+    def check_finite(self) -> None:
+        """Stop with the step and the loss term that went non-finite, if any did (one host read)."""
+        step, base_bad, kd_bad = self._bad.tolist()
+        if step < 0:
+            return
+        terms = [name for name, bad in (("base", base_bad), (f"kd ({self.setting.kd_loss})", kd_bad)) if bad]
+        raise NonFiniteLoss(f"non-finite loss at update {step} of {self.setting.tag}: the "
+                            f"{' and '.join(terms) or 'total'} term{'s' if len(terms) > 1 else ''} went NaN/inf; "
+                            f"stopped without saving it (last good checkpoint: {self.out_dir / 'last.pth.tar'})")
+
     def _trained_params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def train_metrics(self) -> dict[str, float]:
-        """Mean losses since ``train()``, averaged over ranks (one host sync)."""
+        """Mean losses since ``train()``, averaged over ranks (one host sync); stops a non-finite run."""
+        self.check_finite()
         loss, base, kd = all_reduce_mean(self._sums / max(self._steps, 1)).tolist()
         return {"loss": loss, "base_loss": base, "kd_loss": kd}
 
@@ -267,10 +319,13 @@ class StudentRun:
         self.scheduler.step(epoch + 1, metric)
 
     def checkpoint(self, epoch: int, args: argparse.Namespace, metric: float | None,
-                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Everything needed to validate or continue this student; tensors and plain containers only."""
+                   weights: dict[str, torch.Tensor] | None = None, step: int | None = None) -> dict[str, Any]:
+        """Everything needed to validate or continue this student; tensors and plain containers only.
+
+        ``step``: batches done in ``epoch`` for a mid-epoch recovery checkpoint (None: the epoch is complete)."""
         state = {
-            "version": 1, "arch": self.setting.model, "epoch": epoch, "num_updates": self.num_updates,
+            "version": 1, "arch": self.setting.model, "epoch": epoch, "step": step, "num_updates": self.num_updates,
+            "train_sums": {"sums": self._sums.detach().cpu(), "steps": self._steps},
             "state_dict": weights if weights is not None else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": plain(self.scheduler.state_dict()),
             "args": plain(vars(args)), "setting": plain(asdict(self.setting)), "metric": metric,

@@ -19,12 +19,13 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 from timm.data import resolve_data_config
 
-from .checkpoint import load_file, plain, set_rng_state
-from .data.folder import build_train_val
+from .checkpoint import atomic_save, load_file, plain, set_rng_state
+from .data.folder import build_train_val, drop_bad_images
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
+from .export import export_checkpoint
 from .features import FeatureModel, probe_shapes
 from .models import check_model_name, check_teacher_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
 
     train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
                                                           args.class_map, args.num_classes)
+    for split in (train_split, val_split):
+        drop_bad_images(split, args.bad_images, args.workers, log.info)
     run_dir = _shared_run_dir(args, info)
     root_log = add_log_file(logger, run_dir / "log.txt") if info.primary else None
     students: list[StudentRun] = []
@@ -175,25 +178,57 @@ def _evaluate_and_save(st: StudentRun, epoch: int, args, row: dict, eval_loader,
     st.end_epoch(epoch, metric)
 
 
-def _resume(args: argparse.Namespace, students: list[StudentRun]) -> int:
-    """Load each student's last checkpoint (``--resume``); return the epoch to continue from."""
+def _checkpoint_candidates(folder: Path) -> list[Path]:
+    return [p for p in [folder / "last.pth.tar", folder / "recovery.pth.tar",
+                        *folder.glob("checkpoint-*.pth.tar")] if p.is_file()]
+
+
+def _position(ckpt: dict) -> tuple[int, float]:
+    """Where a checkpoint stands: (epoch, batches done), a finished epoch counting as all of it."""
+    step = ckpt.get("step")
+    return int(ckpt.get("epoch", -1)), float("inf") if step is None else float(step)
+
+
+def _newest_valid(folder: Path, trust: bool) -> tuple[Path, dict]:
+    """The newest checkpoint in ``folder`` that loads; damaged ones are skipped with a warning."""
+    best = None
+    for path in _checkpoint_candidates(folder):
+        try:
+            ckpt = load_file(path, trust=trust)
+        except UserError as e:
+            log.warning(f"--resume auto: skipping {path}: {e}")
+            continue
+        if not isinstance(ckpt, dict) or "epoch" not in ckpt:
+            log.warning(f"--resume auto: skipping {path}: not a training checkpoint")
+            continue
+        if best is None or _position(ckpt) > _position(best[1]):
+            best = (path, ckpt)
+    if best is None:
+        raise UserError(f"--resume: no valid checkpoint in {folder} to continue from")
+    return best
+
+
+def _resume(args: argparse.Namespace, students: list[StudentRun]) -> tuple[int, int]:
+    """Load each student's checkpoint (``--resume``); return the (epoch, step) to continue from."""
     path = Path(args.resume) if args.resume != "auto" else None
-    epochs, rng = [], None
+    if path is not None and path.is_file() and len(students) > 1:
+        raise UserError("with several students, --resume takes the run folder (or 'auto'), not one file")
+    positions, rng = [], None
     for st in students:
-        ckpt_path = path if path is not None and path.is_file() else st.out_dir / "last.pth.tar"
-        if path is not None and path.is_file() and len(students) > 1:
-            raise UserError("with several students, --resume takes the run folder (or 'auto'), not one file")
-        if not ckpt_path.is_file():
-            raise UserError(f"--resume: no checkpoint {ckpt_path} to continue from")
-        ckpt = load_file(ckpt_path, trust=args.trust_checkpoint)
-        epochs.append(st.resume(ckpt, str(ckpt_path), load_optimizer=not args.no_resume_opt))
+        if path is not None and path.is_file():
+            ckpt_path, ckpt = path, load_file(path, trust=args.trust_checkpoint)
+        else:
+            ckpt_path, ckpt = _newest_valid(st.out_dir, args.trust_checkpoint)
+        positions.append(st.resume(ckpt, str(ckpt_path), load_optimizer=not args.no_resume_opt))
         rng = rng or ckpt.get("rng")
-    if len(set(epochs)) > 1:
-        raise UserError(f"--resume: the students' checkpoints are at different epochs ({sorted(set(epochs))})")
+        log.info(f"resuming {st.setting.tag} from {ckpt_path}")
+    if len(set(positions)) > 1:
+        raise UserError(f"--resume: the students' checkpoints stand at different points ({sorted(set(positions))})")
     if rng is not None:
         set_rng_state(rng)
-    log.info(f"resumed from epoch {epochs[0] - 1}; continuing at epoch {epochs[0]}")
-    return epochs[0]
+    epoch, step = positions[0]
+    log.info(f"continuing at epoch {epoch}" + (f", step {step}" if step else ""))
+    return epoch, step
 
 
 def _run(args, settings, device, precision, train_split, val_split, num_classes, run_dir, loss_kind, students,
@@ -218,7 +253,7 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                                    input_size=input_size, dist_info=info))
     for st in students:
         st.meta = {"data_config": plain(data_config), "classes": list(train_split.classes)}
-    start_epoch = _resume(args, students) if args.resume else (args.start_epoch or 0)
+    start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
     if info.primary:
         for st in students:
             write_args(st.out_dir, vars(args))
@@ -231,11 +266,20 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
              f"teacher {args.teacher if teacher is not None else 'none'}; outputs in {run_dir}")
 
     for epoch in range(start_epoch, num_epochs):
-        set_epoch(train_loader, epoch, args.mixup_off_epoch)
+        first = start_step if epoch == start_epoch else 0
+        set_epoch(train_loader, epoch, first)
         t0 = time.perf_counter()
+
+        def save_recovery(done: int, total: int, epoch: int = epoch) -> None:
+            if args.recovery_interval and done % args.recovery_interval == 0 and done < total and info.primary:
+                for st in students:
+                    st.check_finite()  # never save non-finite weights
+                    atomic_save(st.checkpoint(epoch, args, None, step=done), st.out_dir / "recovery.pth.tar")
+
         train_metrics = train_one_epoch(epoch, train_loader, teacher, students, precision, args.channels_last,
                                         args.log_interval, args.max_train_steps,
-                                        args.progress if info.primary else False)
+                                        args.progress if info.primary else False, start_step=first,
+                                        after_step=save_recovery)
         train_time = time.perf_counter() - t0
         if info.distributed and args.dist_bn:
             for st in students:  # ranks saw different batches: make their BN statistics agree
@@ -253,6 +297,9 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
             (st.log.info if synced else st.log.warning)(
                 f"replicas {'in sync' if synced else 'DIFFER'}: student weights compared on {info.world_size} ranks")
         best = st.saver.best
+        if args.save_safetensors and info.primary:
+            source = st.out_dir / ("model_best.pth.tar" if (st.out_dir / "model_best.pth.tar").is_file() else "last.pth.tar")
+            st.log.info(f"exported {source.name} to {export_checkpoint(source, st.out_dir / 'export')}")
         st.log.info(f"done: best {args.eval_metric} {best if best is None else round(best, 3)} "
                     f"(epoch {st.saver.best_epoch}); outputs in {st.out_dir}")
         results.append({"tag": st.setting.tag, "out_dir": str(st.out_dir), "best_metric": best,

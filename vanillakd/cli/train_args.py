@@ -44,6 +44,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation", help="val split; 'validation' also finds val/ or eval/")
     g.add_argument("--class-map", default="", help="file mapping folder names to class indices")
+    g.add_argument("--bad-images", default="fail", choices=["fail", "skip", "off"],
+                   help="start-up scan for truncated / non-image files: stop listing them (fail), leave them "
+                        "out (skip), or no scan (off)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +100,13 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
                    help="continue a run: its last.pth.tar (or the run folder for several students), or 'auto' "
                         "for the run named by --output / --experiment")
     g.add_argument("--no-resume-opt", action="store_true", help="on --resume, start a fresh optimizer")
+    g.add_argument("--save-safetensors", action="store_true",
+                   help="at the end, also export the best student as export/model.safetensors + config.json")
+    g.add_argument("--max-nonfinite", type=int, default=0, metavar="N",
+                   help="0 (default): a non-finite loss stops the run, found at the next log line without a "
+                        "per-step host sync; N > 0: check every step, skip such steps, stop after N in a row")
+    g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+                   help="also save recovery.pth.tar every N steps, so a kill mid-epoch loses at most N steps")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need pickled Python code (only for files you trust)")
 
@@ -173,7 +183,6 @@ def add_aug_args(p: argparse.ArgumentParser) -> None:
 def add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Misc")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--worker-seeding", default="all")
     g.add_argument("--log-interval", type=pos_int, default=50, help="steps between log lines (host syncs)")
     g.add_argument("--checkpoint-hist", type=int, default=10)
     g.add_argument("-j", "--workers", type=int, default=4)

@@ -1,15 +1,12 @@
-"""Per-sample extras for methods that need them (CRD): the sample's dataset index and ``k`` contrast indices
-drawn uniformly, with replacement, among samples of OTHER classes.
+"""CRD's contrast samples: ``k`` indices drawn uniformly, with replacement, among samples of OTHER classes.
 
 The class lists are built once, vectorised (a stable argsort of the labels), so 1.28M images take well
-under a second; each draw is O(k) with no per-class Python loop. Draws are seeded by (seed, epoch, index),
-so they do not depend on worker count or order.
+under a second; each draw is O(k) with no per-class Python loop. The training stream (stream.py) seeds each
+draw from (seed, rank, epoch, position), so draws do not depend on worker count or order.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ..errors import UserError
 
@@ -30,55 +27,15 @@ class ContrastSampler:
         self.labels, self.starts, self.sizes, self.n = labels, starts, sizes, len(labels)
         self.epoch = 0
 
-    def draw(self, index: int) -> np.ndarray:
-        """``[index, k indices of other classes]``."""
+    def draw(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """``[index, k indices of other classes]``; ``rng`` defaults to one seeded by (seed, epoch, index)."""
         c = self.labels[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = rng if rng is not None else np.random.default_rng((self.seed, self.epoch, index))
         r = rng.integers(0, self.n - self.sizes[c], size=self.k)
         r = np.where(r >= self.starts[c], r + self.sizes[c], r)  # skip the block of class c
         return np.concatenate([[index], self.order[r]])
 
 
-class ContrastDataset(Dataset):
-    """Wraps a timm dataset: items become ``(image, target, {'index', 'contrastive_index'})``."""
-
-    def __init__(self, dataset, labels: np.ndarray, k: int, seed: int = 0):
-        self.dataset = dataset
-        self.sampler = ContrastSampler(labels, k, seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name):  # transform, reader ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __setattr__(self, name, value):
-        if name == "transform":
-            self.dataset.transform = value
-        else:
-            super().__setattr__(name, value)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
-
-    def __getitem__(self, index: int):
-        img, target = self.dataset[index]
-        return img, target, {"index": index, "contrastive_index": self.sampler.draw(index)}
-
-
 def dataset_labels(dataset) -> np.ndarray:
     """Labels of a timm ImageFolder dataset without reading any image."""
     return np.fromiter((t for _, t in dataset.reader.samples), dtype=np.int64, count=len(dataset.reader.samples))
-
-
-def collate_extras(inner):
-    """A collate for ``(image, target, extras)`` items: ``inner`` handles images and targets (fast_collate or
-    mixup), extras are stacked into tensors."""
-    def collate(batch):
-        x, y = inner([(b[0], b[1]) for b in batch])
-        extras = {key: torch.as_tensor(np.stack([b[2][key] for b in batch])) for key in batch[0][2]}
-        return x, y, extras
-    collate.inner = inner
-    return collate

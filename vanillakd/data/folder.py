@@ -13,6 +13,7 @@ from timm.data import create_dataset
 from timm.data.readers.class_map import load_class_map
 
 from ..errors import UserError
+from .check import scan_images
 
 VAL_SPLIT_NAMES = ("val", "validation", "eval", "evaluation", "test")
 
@@ -45,6 +46,26 @@ class SplitDataset:
     dataset: object  # timm ImageDataset
     root: Path
     classes: list[str]
+
+
+def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0, log=None) -> None:
+    """``policy`` 'fail': stop listing truncated / non-image files; 'skip': drop them and say how many;
+    'off': no scan (for data already checked with ``vanillakd check-data``)."""
+    if policy == "off":
+        return
+    reader = split.dataset.reader
+    bad = scan_images([p for p, _ in reader.samples], workers)
+    if not bad:
+        return
+    if policy == "fail":
+        listed = "; ".join(f"{p}: {why}" for p, why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{len(bad)} bad image file(s) in {split.root}: {listed}{more} (run vanillakd check-data, "
+                        "or pass --bad-images skip to leave them out)")
+    bad_paths = {p for p, _ in bad}
+    reader.samples = [s for s in reader.samples if s[0] not in bad_paths]
+    if log:
+        log(f"skipped {len(bad)} bad image file(s) in {split.root} (--bad-images skip)")
 
 
 def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> SplitDataset:

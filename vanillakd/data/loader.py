@@ -7,18 +7,18 @@ which timm's loader refuses.
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from typing import Any
 
 import torch
 from timm.data import FastCollateMixup, create_loader, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from timm.data.loader import _worker_init, fast_collate
+from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import UserError
-from .contrast import ContrastDataset, collate_extras, dataset_labels
+from .contrast import ContrastSampler, dataset_labels
 from .prefetch import ExtrasPrefetchLoader
+from .stream import StreamDataset, StreamSampler, stream_collate
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -30,7 +30,8 @@ def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace
                        contrast_k: int | None = None) -> ExtrasPrefetchLoader:
     """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 is what crosses to the device).
 
-    With ``contrast_k`` each batch also carries ``{'index', 'contrastive_index'}`` for CRD.
+    The stream is replayable (see stream.py): sample and batch randomness come from (seed, rank, epoch,
+    position). With ``contrast_k`` each batch also carries ``{'index', 'contrastive_index'}`` for CRD.
     """
     dataset.transform = create_transform(
         data_config["input_size"], is_training=True, use_prefetcher=True, no_aug=args.no_aug,
@@ -40,36 +41,30 @@ def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace
     if args.aug_repeats:
         # timm keeps a multiple of 256 samples per epoch; on a set smaller than that it would keep none
         selected_round = 256 if len(dataset) >= 256 * world_size else 0
-        sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=args.aug_repeats,
-                                   selected_round=selected_round)
+        base = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=args.aug_repeats,
+                                selected_round=selected_round)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+        base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     if mixup_active(args):
         # label smoothing is applied per student by its objective, so one mixed batch serves students
         # with different --smoothing values
-        collate = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                                   cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-                                   switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                                   label_smoothing=0.0, num_classes=num_classes)
+        inner = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                                 label_smoothing=0.0, num_classes=num_classes)
     else:
-        collate = fast_collate
-    if contrast_k is not None:
-        dataset = ContrastDataset(dataset, dataset_labels(dataset), contrast_k, seed=args.seed)
-        collate = collate_extras(collate)
+        inner = fast_collate
+    contrast = ContrastSampler(dataset_labels(dataset), contrast_k, args.seed) if contrast_k is not None else None
+    stream = StreamDataset(dataset, args.seed, rank, contrast)
     loader = DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        worker_init_fn=partial(_worker_init, worker_seeding=args.worker_seeding),
-        # workers hold the mixup collate and the contrast draws' epoch: a change to either must reach
-        # fresh workers
-        persistent_workers=args.workers > 0 and not args.mixup_off_epoch and contrast_k is None, generator=torch.Generator().manual_seed(args.seed + rank))
+        stream, batch_size=args.batch_size, sampler=StreamSampler(base), num_workers=args.workers,
+        collate_fn=stream_collate(inner, args.seed, rank, args.mixup_off_epoch),
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
     if len(loader) == 0:
-        per_rank = len(sampler)
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({per_rank} images "
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(base)} images "
                         f"per process) and incomplete batches are dropped; lower --batch-size")
     return ExtrasPrefetchLoader(loader, mean=data_config["mean"], std=data_config["std"],
-                          channels=data_config["input_size"][0], device=device, re_prob=args.reprob,
-                          re_mode=args.remode, re_count=args.recount)
+                                channels=data_config["input_size"][0], device=device, re_prob=args.reprob,
+                                re_mode=args.remode, re_count=args.recount)
 
 
 def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers: int, device: torch.device,
@@ -83,11 +78,6 @@ def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers:
         persistent_workers=False)
 
 
-def set_epoch(loader: ExtrasPrefetchLoader, epoch: int, mixup_off_epoch: int = 0) -> None:
-    """Per-epoch state: sampler order, contrast draws, mixup switched off from ``mixup_off_epoch``."""
-    loader.sampler.set_epoch(epoch)
-    if isinstance(loader.dataset, ContrastDataset):
-        loader.dataset.set_epoch(epoch)
-    collate = getattr(loader.loader.collate_fn, "inner", loader.loader.collate_fn)
-    if mixup_off_epoch and epoch >= mixup_off_epoch and isinstance(collate, FastCollateMixup):
-        collate.mixup_enabled = False
+def set_epoch(loader: ExtrasPrefetchLoader, epoch: int, start_step: int = 0) -> None:
+    """The epoch's sample order; a resumed epoch starts after its first ``start_step`` batches."""
+    loader.sampler.set_epoch(epoch, start_step * loader.loader.batch_size)
