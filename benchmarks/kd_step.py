@@ -95,7 +95,8 @@ def main() -> None:
     t_student = timed(lambda: alone.train_step(x, y, None), a.steps, a.warmup, device)
     t_kd = timed(kd_step, a.steps, a.warmup, device)
     n = a.batch_size
-    res = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"),
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    res = {"device": str(name),
            "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
            "student": a.student, "teacher": a.teacher, "img_size": a.img_size, "batch_size": n, "amp": str(precision),
            "teacher_forward_img_s": n / t_teacher, "student_step_img_s": n / t_student, "kd_step_img_s": n / t_kd,

@@ -154,3 +154,12 @@ def test_root_script_prints_no_traceback(tmp_path):
 def test_sync_bn_on_cpu(capsys, tiny_data, teacher_ckpt, tmp_path):
     rc = run_cli(train_kd.cli, base_argv(tiny_data, teacher_ckpt, tmp_path, "--sync-bn", "--device", "cpu"))
     assert_one_line_error(capsys, rc, "--sync-bn needs CUDA GPUs")
+
+
+def test_console_command_lists_and_rejects(capsys):
+    from vanillakd.__main__ import COMMANDS, main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["train-kdd"]) == 2
+    assert "unknown command 'train-kdd'" in capsys.readouterr().err

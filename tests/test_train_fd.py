@@ -163,11 +163,21 @@ def test_seed_fd_commands_run_and_validate(method, tiny_data, fd_teacher, tmp_pa
                                   tmp_path / method / "model_best.pth.tar", "--img-size", "32", "-j", "0"]) == 0
 
 
+@pytest.fixture(scope="module")
+def resnet152_teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("r152") / "r152.pth", "resnet152", num_classes=3)
+
+
 @pytest.mark.slow
-def test_seed_fd_command_with_original_models_runs_a_step(tiny_data, tmp_path, two_threads):
-    ckpt = save_teacher(tmp_path / "r152.pth", "resnet152", num_classes=3)
-    argv = seed_command(FD.format("review"), tiny_data, "resnet50", "resnet152", ckpt, tmp_path, "orig", batch=2)
-    assert run_cli(train_fd.cli, argv + ["--max-train-steps", "1", "--img-size", "64"]) == 0
+@pytest.mark.parametrize("method", METHODS)
+def test_seed_fd_command_with_original_models_runs_a_step(tiny_data, tmp_path, two_threads, resnet152_teacher,
+                                                           method):
+    """The seed's commands keep resnet50 <- resnet152 (random weights): one step each, on a few images."""
+    entry = train_crd.cli if method == "crd" else train_fd.cli
+    argv = seed_command(FD.format(method), tiny_data, "resnet50", "resnet152", resnet152_teacher, tmp_path, "orig",
+                        batch=2)
+    assert run_cli(entry, argv + ["--max-train-steps", "1", "--img-size", "64", "--nce-k", "8", "-vb", "12"]) == 0
+    assert torch.load(tmp_path / "orig" / "last.pth.tar", weights_only=True)["arch"] == "resnet50"
 
 
 def test_crd_with_one_class_is_refused(tmp_path, fd_teacher, capsys):
@@ -190,3 +200,18 @@ def test_fd_help_lists_methods(capsys):
     assert run_cli(train_fd.cli, shlex.split("--help")) == 0
     out = capsys.readouterr().out
     assert all(m in out for m in ("correlation", "rkd", "review", "crd"))
+
+
+def test_feature_teacher_stays_frozen_in_eval(tiny_data, fd_teacher):
+    """The teacher wrapped for features stays in eval mode (its BN statistics never move) and gets no grad."""
+    from vanillakd.student import student_settings
+    from vanillakd.train import _build_teacher
+    args = build_train_parser("t", "").parse_args([str(tiny_data), "--model", "test_vit", "--kd-loss", "review",
+                                                   "--teacher", "test_resnet", "--teacher-pretrained",
+                                                   str(fd_teacher)])
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    teacher, shapes = _build_teacher(args, student_settings(args), 3, torch.device("cpu"), cfg)
+    assert shapes.channels and not any(m.training for m in teacher.modules())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())

@@ -118,7 +118,9 @@ def test_two_students_one_teacher_pass(tiny_data, teacher_ckpt, tmp_path):
         assert run_cli(train_kd.cli, argv) == 0
     finally:
         models.FrozenTeacher.forward = orig
-    assert len(calls) == 6  # 24 images / batch 4: one teacher pass per batch for both students
+    # 24 train images / batch 4: one teacher pass per batch for both students; then one pass over the
+    # 12 val images (3 batches) for the teacher's accuracy and the students' agreement with it
+    assert len(calls) == 6 + 3
     dirs = sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir())
     assert dirs == ["student0-test_resnet-kd", "student1-test_vit-dkd"]
     for d in dirs:
@@ -176,3 +178,21 @@ def test_students_trained_together_equal_students_trained_alone(tiny_data, teach
         a = torch.load(tmp_path / alone / "last.pth.tar", weights_only=True)["state_dict"]
         b = torch.load(tmp_path / "both" / together / "last.pth.tar", weights_only=True)["state_dict"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), alone
+
+
+def test_validate_reports_teacher_agreement(tiny_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "agree.json"
+    # the teacher compared with itself agrees everywhere; with another model, somewhere in [0, 100]
+    assert run_cli(validate.cli, [tiny_data, "--model", "test_resnet", "--checkpoint", teacher_ckpt, "--teacher",
+                                  "test_resnet", "--teacher-pretrained", teacher_ckpt, "--img-size", "32", "-j", "0",
+                                  "--results-file", out]) == 0
+    res = json.loads(out.read_text())
+    assert res["agreement"] == 100.0 and res["teacher"] == "test_resnet"
+    other = tmp_path / "other.pth"
+    import timm
+    torch.manual_seed(123)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    assert run_cli(validate.cli, [tiny_data, "--model", "test_resnet", "--checkpoint", other, "--teacher",
+                                  "test_resnet", "--teacher-pretrained", teacher_ckpt, "--img-size", "32", "-j", "0",
+                                  "--results-file", out]) == 0
+    assert 0 <= json.loads(out.read_text())["agreement"] <= 100

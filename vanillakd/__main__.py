@@ -1,7 +1,6 @@
 """``vanillakd <command> ...``: one console command for every entry point."""
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -12,6 +11,8 @@ COMMANDS = {
     "train-fd": ("vanillakd.cli.train_fd", "feature distillation: correlation, rkd, review (train-fd.py)"),
     "train-crd": ("vanillakd.cli.train_crd", "contrastive representation distillation (train-crd.py)"),
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
+    "compare": ("vanillakd.compare", "methods x data fractions x seeds under one recipe: tables and plots"),
+    "report": ("vanillakd.cli.report", "tables and plots from finished run folders"),
     "export": ("vanillakd.cli.export", "a checkpoint as a plain timm folder (model.safetensors + config.json)"),
     "zoo": ("vanillakd.cli.zoo", "list or fetch the published VanillaKD students"),
     "check-data": ("vanillakd.cli.check_data", "list truncated or non-image files in an ImageFolder"),

@@ -66,7 +66,8 @@ def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
     """Load a checkpoint file (PyTorch or safetensors) on the CPU, refusing pickled code unless ``trust``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
+        raise UserError(f"checkpoint {path} does not exist" if not path.exists()
+                        else f"checkpoint {path} is not a file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
@@ -87,7 +88,8 @@ def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
 
 
-def extract_state_dict(ckpt: Any, use_ema: bool = False, path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+def extract_state_dict(ckpt: Any, use_ema: bool = False,
+                       path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
     """The model weights in a raw state_dict or a dict holding one (``state_dict``, ``model``, ...).
 
     ``module.`` prefixes left by DDP / DataParallel are stripped.

@@ -92,8 +92,11 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, precision: Precision, channels_last: bool = False,
              teacher: nn.Module | None = None, progress: bool | None = False,
-             max_steps: int | None = None) -> dict[str, float]:
-    """Top-1 / top-5 / cross-entropy loss (and top-1 agreement with ``teacher`` when given)."""
+             max_steps: int | None = None, teacher_preds: list[torch.Tensor] | None = None,
+             collect_top1: list | None = None) -> dict[str, float]:
+    """Top-1 / top-5 / cross-entropy loss, and top-1 agreement with the teacher when ``teacher`` (run here)
+    or ``teacher_preds`` (the teacher's ``collect_top1`` from an earlier pass over the same loader) is given.
+    ``collect_top1``: a list that receives the model's top-1 class of each batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -108,13 +111,19 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, channels_
         with precision.autocast():
             logits = model(x)
             t_logits = teacher(x) if teacher is not None else None
+        if isinstance(logits, Features):
+            logits = logits.logits
         if isinstance(t_logits, Features):
             t_logits = t_logits.logits
+        t_top1 = t_logits.float().argmax(1) if t_logits is not None else (
+            teacher_preds[step] if teacher_preds is not None else None)
         logits = logits.float()
         loss = nn.functional.cross_entropy(logits, target, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top5.eq(target[:, None])
-        agree = (t_logits.float().argmax(1) == top5[:, 0]).sum() if t_logits is not None else 0
+        if collect_top1 is not None:
+            collect_top1.append(top5[:, 0])
+        agree = (t_top1 == top5[:, 0]).sum() if t_top1 is not None else 0
         sums += torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(),
                              torch.as_tensor(agree, device=device).double(),
                              torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64)])
@@ -124,7 +133,7 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, channels_
     loss, top1, top5, agreement, n = all_reduce_sum(sums).tolist()
     n = max(n, 1.0)
     out = {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-    if teacher is not None:
+    if teacher is not None or teacher_preds is not None:
         out["agreement"] = 100.0 * agreement / n
     return out
 

@@ -104,7 +104,10 @@ class FeatureModel(nn.Module):
         final, maps = self.model.forward_intermediates(x, indices=self.indices, output_fmt="NCHW")
         pooled = self.model.forward_head(final, pre_logits=True)
         classifier = self.model.get_classifier()
-        logits = classifier(pooled) if isinstance(classifier, (nn.Linear, nn.Identity)) else self.model.forward_head(final)
+        if isinstance(classifier, (nn.Linear, nn.Identity)):
+            logits = classifier(pooled)  # the head on the pooled feature we already have
+        else:
+            logits = self.model.forward_head(final)
         preact = None
         if self.has_preact:
             preact = list(self._captured)
@@ -115,9 +118,10 @@ class FeatureModel(nn.Module):
 @torch.no_grad()
 def probe_shapes(fm: FeatureModel, input_size: tuple[int, int, int], device: torch.device) -> FeatureShapes:
     """Channel counts and map sizes from a forward of a 2-image dummy batch in eval mode."""
-    was_training = fm.training
+    modes = {m: m.training for m in fm.modules()}  # restore each module's own mode (a teacher stays in eval)
     fm.eval()
     out = fm(torch.zeros(2, *input_size, device=device))
-    fm.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     return FeatureShapes([m.shape[1] for m in out.maps], [tuple(m.shape[-2:]) for m in out.maps],
                          out.pooled.shape[1])

@@ -50,7 +50,8 @@ class FrozenTeacher(nn.Module):
     ``model`` may be a ``features.FeatureModel``, for feature methods: the forward then returns ``Features``.
     """
 
-    def __init__(self, model: nn.Module, resize: int | None = None, renorm: tuple[tuple, tuple, tuple, tuple] | None = None):
+    def __init__(self, model: nn.Module, resize: int | None = None,
+                 renorm: tuple[tuple, tuple, tuple, tuple] | None = None):
         """``renorm``: (student mean, student std, teacher mean, teacher std): the batch arrives normalised for
         the student and is re-normalised so the teacher sees its own normalisation of the raw image."""
         super().__init__()

@@ -20,13 +20,12 @@ from .cli.train_args import check_list_lengths, setting
 from .data.loader import mixup_active
 from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
-from .features import Features, FeatureModel, FeatureShapes, probe_shapes
+from .features import FeatureModel, Features, FeatureShapes, probe_shapes
 from .losses import create_kd_loss_from_args, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
 from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir
 from .precision import Precision
-
 
 # --kd-loss none: the student trains on its labels alone (the "from scratch" baseline), no teacher pass
 NO_KD = "none"
@@ -152,7 +151,6 @@ class StudentRun:
         self.objective = KDObjective(forward_model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
                                      smoothing=s.smoothing if mixup_active(args) else 0.0,
                                      student_resize=args.student_resize)
-        self.dist = dist_info
         self.forward = self.objective
         if dist_info.distributed:
             self.forward = _wrap_ddp(self.objective, device, broadcast_buffers=not args.no_ddp_bb)

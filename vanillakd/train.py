@@ -1,6 +1,6 @@
 """Wiring of a distillation run: data, teacher, students, the epoch loop and its outputs.
 
-train-kd.py (and later train-fd / train-crd) parse their flags and call ``run``; nothing here knows which
+train-kd.py, train-fd.py and train-crd.py parse their flags and call ``run``; nothing here knows which
 KD method runs.
 """
 from __future__ import annotations
@@ -16,21 +16,22 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from timm.utils import distribute_bn
 from timm.data import resolve_data_config
+from timm.utils import distribute_bn
 
 from .checkpoint import atomic_save, load_file, plain, set_rng_state
-from .data.folder import build_train_val, drop_bad_images
+from .data.folder import build_train_val, drop_bad_images, take_fraction
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
 from .export import export_checkpoint
+from .external_log import ExternalLoggers
 from .features import FeatureModel, probe_shapes
+from .losses import get_kd_loss_entry
 from .models import check_model_name, check_teacher_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
 from .precision import Precision, resolve_device
-from .losses import get_kd_loss_entry
 from .student import NO_KD, StudentRun, student_settings
 
 log = logging.getLogger("vanillakd")
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
                                                           args.class_map, args.num_classes)
     for split in (train_split, val_split):
         drop_bad_images(split, args.bad_images, args.workers, log.info)
+    take_fraction(train_split, args.train_fraction, args.train_subset_seed)
     run_dir = _shared_run_dir(args, info)
     root_log = add_log_file(logger, run_dir / "log.txt") if info.primary else None
     students: list[StudentRun] = []
@@ -137,6 +139,7 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, data_
     if any(e.needs == "features" for e in entries):
         preact = any(getattr(e.cls, "preact", False) for e in entries)
         teacher.model = FeatureModel(teacher.model, preact=preact, name=args.teacher)
+        teacher.eval()  # the new wrapper starts in training mode; the teacher never is
         input_size = tuple(data_config["input_size"])
         size = input_size if teacher.resize is None else (input_size[0], teacher.resize, teacher.resize)
         shapes = probe_shapes(teacher.model.to(device), size, device)
@@ -153,13 +156,16 @@ def _contrast_k(args, settings) -> int | None:
     return None
 
 
-def _evaluate_and_save(st: StudentRun, epoch: int, args, row: dict, eval_loader, precision, do_eval: bool):
+def _evaluate_and_save(st: StudentRun, epoch: int, args, row: dict, eval_loader, precision, do_eval: bool,
+                       teacher_preds=None):
     """Evaluate the student (and its EMA copies), write last / best checkpoints, the summary row; step the
     schedule."""
     metric = None
     if do_eval:
-        em = evaluate(st.model, eval_loader, precision, args.channels_last)
+        em = evaluate(st.model, eval_loader, precision, args.channels_last, teacher_preds=teacher_preds)
         row.update(eval_loss=em["loss"], eval_top1=em["top1"], eval_top5=em["top5"])
+        if "agreement" in em:
+            row["eval_agreement"] = em["agreement"]
         metric = em[args.eval_metric]
         st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
         for i, ema in enumerate(st.emas):
@@ -256,7 +262,7 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
     start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
     if info.primary:
         for st in students:
-            write_args(st.out_dir, vars(args))
+            write_args(st.out_dir, {**vars(args), "train_images": len(train_split.dataset)})
         if len(students) > 1:
             write_args(run_dir, vars(args))
     num_epochs = students[0].num_epochs
@@ -265,6 +271,8 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
              f", input {input_size}; "
              f"teacher {args.teacher if teacher is not None else 'none'}; outputs in {run_dir}")
 
+    teacher_preds = None
+    external = ExternalLoggers(args, run_dir, enabled=info.primary)
     for epoch in range(start_epoch, num_epochs):
         first = start_step if epoch == start_epoch else 0
         set_epoch(train_loader, epoch, first)
@@ -285,11 +293,18 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
             for st in students:  # ranks saw different batches: make their BN statistics agree
                 distribute_bn(st.model, info.world_size, reduce=args.dist_bn == "reduce")
         do_eval = should_evaluate(epoch, num_epochs, args.eval_interval, args.eval_interval_end)
+        if do_eval and teacher is not None and teacher_preds is None:
+            # the teacher is frozen: its predictions on the (fixed-order) val set are computed once
+            teacher_preds = []
+            t = evaluate(teacher, eval_loader, precision, args.channels_last, collect_top1=teacher_preds)
+            log.info(f"teacher: top1 {t['top1']:.2f} top5 {t['top5']:.2f} on the val set")
         for st, tm in zip(students, train_metrics):
             row = {"epoch": epoch, "lr": st.lr(), "train_loss": tm["loss"], "train_base_loss": tm["base_loss"],
                    "train_kd_loss": tm["kd_loss"], "eval_loss": "", "eval_top1": "", "eval_top5": "",
                    "train_time": round(train_time, 2)}
-            _evaluate_and_save(st, epoch, args, row, eval_loader, precision, do_eval)
+            _evaluate_and_save(st, epoch, args, row, eval_loader, precision, do_eval, teacher_preds)
+            external.log(st.setting.tag if len(students) > 1 else "", row, epoch)
+    external.close()
     results = []
     for st in students:
         if info.distributed:
@@ -298,7 +313,8 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                 f"replicas {'in sync' if synced else 'DIFFER'}: student weights compared on {info.world_size} ranks")
         best = st.saver.best
         if args.save_safetensors and info.primary:
-            source = st.out_dir / ("model_best.pth.tar" if (st.out_dir / "model_best.pth.tar").is_file() else "last.pth.tar")
+            best_file = st.out_dir / "model_best.pth.tar"
+            source = best_file if best_file.is_file() else st.out_dir / "last.pth.tar"
             st.log.info(f"exported {source.name} to {export_checkpoint(source, st.out_dir / 'export')}")
         st.log.info(f"done: best {args.eval_metric} {best if best is None else round(best, 3)} "
                     f"(epoch {st.saver.best_epoch}); outputs in {st.out_dir}")

@@ -44,6 +44,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation", help="val split; 'validation' also finds val/ or eval/")
     g.add_argument("--class-map", default="", help="file mapping folder names to class indices")
+    g.add_argument("--train-fraction", type=pos_float, default=1.0,
+                   help="train on a class-balanced, deterministic fraction of the training set")
+    g.add_argument("--train-subset-seed", type=int, default=0, help="which subset --train-fraction draws")
     g.add_argument("--bad-images", default="fail", choices=["fail", "skip", "off"],
                    help="start-up scan for truncated / non-image files: stop listing them (fail), leave them "
                         "out (skip), or no scan (off)")
@@ -199,6 +202,8 @@ def add_misc_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for logs)")
+    g.add_argument("--log-tensorboard", action="store_true", help="also log to TensorBoard (when installed)")
+    g.add_argument("--log-wandb", action="store_true", help="also log to Weights & Biases (when installed)")
     g.add_argument("--max-train-steps", type=int, default=None,
                    help="stop each epoch after this many steps (smoke tests, benchmarks)")
     g = p.add_argument_group("Distributed (torchrun / torch.distributed.launch)")

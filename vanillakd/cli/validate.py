@@ -86,7 +86,8 @@ def validate(args: argparse.Namespace) -> dict:
     flags = {k: getattr(args, k) for k in ("input_size", "img_size", "crop_pct", "crop_mode", "mean", "std",
                                            "interpolation", "in_chans")}
     data_config = resolve_data_config(flags, model=model)
-    loader = build_eval_loader(split.dataset, data_config, args.batch_size, args.workers, device, pin_memory=args.pin_mem)
+    loader = build_eval_loader(split.dataset, data_config, args.batch_size, args.workers, device,
+                               pin_memory=args.pin_mem)
     metrics = evaluate(model, loader, precision, args.channels_last, teacher=teacher, progress=args.progress)
     result = {"model": args.model, "checkpoint": args.checkpoint, "split": str(split.root),
               "images": len(split.dataset), "num_classes": num_classes,

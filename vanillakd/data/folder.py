@@ -48,6 +48,27 @@ class SplitDataset:
     classes: list[str]
 
 
+def take_fraction(split: SplitDataset, fraction: float, seed: int = 0) -> None:
+    """Keep a class-balanced, deterministic ``fraction`` of the split: ``round(fraction * n_c)`` images of each
+    class (at least one), drawn with ``seed``; the same (fraction, seed) always gives the same files."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--train-fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return
+    import numpy as np
+    reader = split.dataset.reader
+    by_class: dict[int, list[int]] = {}
+    for i, (_, target) in enumerate(reader.samples):
+        by_class.setdefault(target, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for target in sorted(by_class):
+        idx = by_class[target]
+        n = max(1, int(round(fraction * len(idx))))
+        keep.extend(sorted(rng.choice(idx, size=n, replace=False).tolist()))
+    reader.samples = [reader.samples[i] for i in sorted(keep)]
+
+
 def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0, log=None) -> None:
     """``policy`` 'fail': stop listing truncated / non-image files; 'skip': drop them and say how many;
     'off': no scan (for data already checked with ``vanillakd check-data``)."""

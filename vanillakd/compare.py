@@ -1,0 +1,166 @@
+"""``vanillakd compare``: KD methods x training-set fractions x seeds under ONE recipe and ONE teacher.
+
+Each (fraction, seed) cell is one train-kd run training every method's student from one teacher pass per
+batch (the multi-student path), so all methods see the same batches. A finished cell leaves ``cell.json``
+and is skipped on the next invocation; an interrupted one resumes from its checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .checkpoint import atomic_write_text
+from .cli.train_args import _Parser, build_train_parser, parse_train_args
+from .errors import UserError
+from .report import markdown_table, plot_curves, plot_fraction, run_result, write_results_csv
+
+log = logging.getLogger("vanillakd")
+
+GRID_KEYS = {"data_dir", "model", "methods", "fractions", "seeds", "teacher", "teacher_pretrained", "output",
+             "train_teacher_epochs", "train_teacher_fraction", "recipe"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vanillakd compare", description=__doc__,
+                epilog="Any other flag (after --) is passed to every train-kd run: the shared recipe.")
+    p.add_argument("data_dir", nargs="?", default=None, metavar="DIR")
+    p.add_argument("-c", "--config", default="", help="YAML grid: any of " + ", ".join(sorted(GRID_KEYS)))
+    p.add_argument("--model", default=None, help="the student architecture (one for every cell)")
+    p.add_argument("--methods", nargs="+", default=None, help="kd losses; 'none' is the student without KD")
+    p.add_argument("--fractions", nargs="+", type=float, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--teacher-pretrained", default=None, help="teacher weights; or --train-teacher-epochs")
+    p.add_argument("--train-teacher-epochs", type=int, default=None,
+                   help="train the teacher here first (with the shared recipe; reused when present)")
+    p.add_argument("--train-teacher-fraction", type=float, default=None)
+    p.add_argument("--output", default=None, help="the comparison's folder")
+    return p
+
+
+def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """The grid from YAML (if any) overridden by flags; the rest of argv is the shared train-kd recipe."""
+    argv = list(argv)
+    recipe: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, recipe = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
+    grid = {"methods": ["none", "kd", "dkd", "dist"], "fractions": [1.0], "seeds": [0], "output": "runs/compare",
+            "train_teacher_fraction": 1.0, "recipe": []}
+    if args.config:
+        try:
+            cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read the grid {args.config}: {e}") from None
+        unknown = set(cfg) - GRID_KEYS
+        if unknown:
+            raise UserError(f"grid {args.config}: unknown keys {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+        grid.update(cfg)
+    for key in GRID_KEYS - {"recipe"}:
+        value = getattr(args, key, None)
+        if value is not None:
+            grid[key] = value
+    grid["recipe"] = [str(x) for x in grid.get("recipe") or []] + recipe
+    for key in ("data_dir", "model", "teacher"):
+        if not grid.get(key):
+            raise UserError(f"compare needs {key.replace('_', '-') if key != 'data_dir' else 'DIR'}")
+    if not grid.get("teacher_pretrained") and not grid.get("train_teacher_epochs"):
+        raise UserError("compare needs --teacher-pretrained FILE or --train-teacher-epochs N")
+    if any(not 0 < f <= 1 for f in grid["fractions"]):
+        raise UserError(f"fractions must be in (0, 1]: {grid['fractions']}")
+    return grid, grid["recipe"]
+
+
+def _train(argv: list[str]) -> list[dict]:
+    from .train import run
+    return run(parse_train_args(build_train_parser("train-kd.py", ""), argv))
+
+
+def _cell_name(fraction: float, seed: int) -> str:
+    return f"frac{fraction:g}-seed{seed}"
+
+
+def ensure_teacher(grid: dict, recipe: list[str], out: Path) -> str:
+    """The teacher's weights: given, or trained here once with the shared recipe."""
+    if grid.get("teacher_pretrained"):
+        return str(grid["teacher_pretrained"])
+    teacher_dir = out / "teacher"
+    best = teacher_dir / "model_best.pth.tar"
+    if (teacher_dir / "done.json").is_file() and best.is_file():
+        log.info(f"reusing the teacher in {teacher_dir}")
+        return str(best)
+    log.info(f"training the teacher {grid['teacher']} for {grid['train_teacher_epochs']} epochs")
+    resume = ["--resume", "auto"] if (teacher_dir / "last.pth.tar").is_file() else []
+    # the recipe first: the teacher's own flags after it win
+    _train([str(grid["data_dir"])] + recipe + ["--model", grid["teacher"], "--kd-loss", "none", "--output", str(out),
+           "--experiment", "teacher", "--epochs", str(grid["train_teacher_epochs"]),
+           "--train-fraction", str(grid["train_teacher_fraction"])] + resume)
+    atomic_write_text(json.dumps({"teacher": grid["teacher"]}), teacher_dir / "done.json")
+    return str(best)
+
+
+def compare(argv: Sequence[str]) -> tuple[list[dict], Path]:
+    """Run (or take up) the grid; return the result rows and the comparison's folder."""
+    grid, recipe = load_grid(argv)
+    out = Path(grid["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(yaml.safe_dump({k: v for k, v in grid.items()}, sort_keys=False), out / "grid.yaml")
+    teacher_weights = ensure_teacher(grid, recipe, out)
+    methods = list(grid["methods"])
+    results: list[dict] = []
+    for fraction in grid["fractions"]:
+        for seed in grid["seeds"]:
+            name = _cell_name(fraction, seed)
+            cell = out / "cells" / name
+            done = cell / "cell.json"
+            if done.is_file():
+                log.info(f"{name}: finished earlier, skipped")
+                results.extend(json.loads(done.read_text()))
+                continue
+            resume = ["--resume", "auto"] if any(cell.glob("student*/last.pth.tar")) else []
+            start = time.time()
+            log.info(f"{name}: {len(methods)} students ({', '.join(methods)}) from one teacher pass")
+            _train([str(grid["data_dir"])] + recipe + [
+                "--model", *([grid["model"]] * len(methods)), "--kd-loss", *methods,
+                "--teacher", grid["teacher"], "--teacher-pretrained", teacher_weights,
+                "--train-fraction", str(fraction), "--train-subset-seed", str(seed), "--seed", str(seed),
+                "--output", str(out / "cells"), "--experiment", name] + resume)
+            dirs = [cell / f"student{i}-{grid['model']}-{m}" for i, m in enumerate(methods)] if len(methods) > 1 \
+                else [cell]
+            cell_results = [run_result(d) for d in dirs]
+            for r in cell_results:
+                r.update(fraction=fraction, seed=seed, wall_time_s=round(time.time() - start, 1))
+            plot_curves(dirs, out / f"curves-{name}.png", name)
+            atomic_write_text(json.dumps(cell_results, indent=2), done)
+            results.extend(cell_results)
+            _write_outputs(results, methods, out)
+    _write_outputs(results, methods, out)
+    return results, out
+
+
+def _write_outputs(results: list[dict], methods: list[str], out: Path) -> None:
+    write_results_csv(results, out / "results.csv")
+    table = "### top-1 (%), mean ± std over seeds\n\n" + markdown_table(results, "top1", methods)
+    if any(r.get("agreement") is not None for r in results):
+        table += "\n### teacher-student top-1 agreement (%)\n\n" + markdown_table(results, "agreement", methods)
+    atomic_write_text(table, out / "results.md")
+    if len({float(r["fraction"]) for r in results}) > 1:
+        plot_fraction(results, out / "top1_vs_fraction.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    from .outputs import setup_console_logging
+    setup_console_logging()
+    results, out = compare(sys.argv[1:] if argv is None else argv)
+    print((out / "results.md").read_text(), end="")
+    print(f"{len(results)} runs; {out / 'results.csv'}, {out / 'results.md'}, plots in {out}")
+    return 0
