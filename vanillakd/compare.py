@@ -111,7 +111,7 @@ def compare(argv: Sequence[str]) -> tuple[list[dict], Path]:
     grid, recipe = load_grid(argv)
     out = Path(grid["output"])
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(yaml.safe_dump({k: v for k, v in grid.items()}, sort_keys=False), out / "grid.yaml")
+    atomic_write_text(yaml.safe_dump(dict(grid), sort_keys=False), out / "grid.yaml")
     teacher_weights = ensure_teacher(grid, recipe, out)
     methods = list(grid["methods"])
     results: list[dict] = []
@@ -124,7 +124,7 @@ def compare(argv: Sequence[str]) -> tuple[list[dict], Path]:
                 log.info(f"{name}: finished earlier, skipped")
                 results.extend(json.loads(done.read_text()))
                 continue
-            resume = ["--resume", "auto"] if any(cell.glob("student*/last.pth.tar")) else []
+            resume = ["--resume", "auto"] if any(cell.rglob("last.pth.tar")) else []
             start = time.time()
             log.info(f"{name}: {len(methods)} students ({', '.join(methods)}) from one teacher pass")
             _train([str(grid["data_dir"])] + recipe + [
