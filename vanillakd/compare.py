@@ -16,9 +16,10 @@ from typing import Sequence
 import yaml
 
 from .checkpoint import atomic_write_text
-from .cli.train_args import _Parser, build_train_parser, parse_train_args
+from .cli.train_args import _Parser
 from .errors import UserError
 from .report import markdown_table, plot_curves, plot_fraction, run_result, write_results_csv
+from .train import run_argv
 
 log = logging.getLogger("vanillakd")
 
@@ -78,11 +79,6 @@ def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
     return grid, grid["recipe"]
 
 
-def _train(argv: list[str]) -> list[dict]:
-    from .train import run
-    return run(parse_train_args(build_train_parser("train-kd.py", ""), argv))
-
-
 def _cell_name(fraction: float, seed: int) -> str:
     return f"frac{fraction:g}-seed{seed}"
 
@@ -99,7 +95,7 @@ def ensure_teacher(grid: dict, recipe: list[str], out: Path) -> str:
     log.info(f"training the teacher {grid['teacher']} for {grid['train_teacher_epochs']} epochs")
     resume = ["--resume", "auto"] if (teacher_dir / "last.pth.tar").is_file() else []
     # the recipe first: the teacher's own flags after it win
-    _train([str(grid["data_dir"])] + recipe + ["--model", grid["teacher"], "--kd-loss", "none", "--output", str(out),
+    run_argv([str(grid["data_dir"])] + recipe + ["--model", grid["teacher"], "--kd-loss", "none", "--output", str(out),
            "--experiment", "teacher", "--epochs", str(grid["train_teacher_epochs"]),
            "--train-fraction", str(grid["train_teacher_fraction"])] + resume)
     atomic_write_text(json.dumps({"teacher": grid["teacher"]}), teacher_dir / "done.json")
@@ -127,13 +123,12 @@ def compare(argv: Sequence[str]) -> tuple[list[dict], Path]:
             resume = ["--resume", "auto"] if any(cell.rglob("last.pth.tar")) else []
             start = time.time()
             log.info(f"{name}: {len(methods)} students ({', '.join(methods)}) from one teacher pass")
-            _train([str(grid["data_dir"])] + recipe + [
+            runs = run_argv([str(grid["data_dir"])] + recipe + [
                 "--model", *([grid["model"]] * len(methods)), "--kd-loss", *methods,
                 "--teacher", grid["teacher"], "--teacher-pretrained", teacher_weights,
                 "--train-fraction", str(fraction), "--train-subset-seed", str(seed), "--seed", str(seed),
                 "--output", str(out / "cells"), "--experiment", name] + resume)
-            dirs = [cell / f"student{i}-{grid['model']}-{m}" for i, m in enumerate(methods)] if len(methods) > 1 \
-                else [cell]
+            dirs = [Path(r["out_dir"]) for r in runs]
             cell_results = [run_result(d) for d in dirs]
             for r in cell_results:
                 r.update(fraction=fraction, seed=seed, wall_time_s=round(time.time() - start, 1))

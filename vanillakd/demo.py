@@ -10,8 +10,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from .cli.train_args import _Parser, build_train_parser, parse_train_args
+from .cli.train_args import _Parser
 from .data.fashion_mnist import is_prepared, make_subset, prepare_fashion_mnist
+from .train import run_argv
 
 log = logging.getLogger("vanillakd")
 
@@ -21,11 +22,6 @@ RECIPE = ["--input-size", "3", "32", "32", "--mean", "0.5", "0.5", "0.5", "--std
           "--train-interpolation", "bilinear", "--opt", "adamw", "--weight-decay", "0.05", "--sched", "cosine",
           "--warmup-epochs", "1", "--warmup-lr", "1e-4", "--min-lr", "1e-5", "--smoothing", "0.0",
           "--no-progress"]
-
-
-def _train(argv: list[str]) -> list[dict]:
-    from .train import run
-    return run(parse_train_args(build_train_parser("train-kd.py", ""), argv))
 
 
 def _teacher_key(args) -> dict:
@@ -75,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = make_subset(args.data, out / "data-teacher", {"train": args.teacher_per_class,
                                                              "val": args.val_per_class}, seed=args.seed)
         log.info(f"training the teacher ({args.teacher_model}, {args.teacher_per_class} images per class)")
-        res = _train([str(data), "--model", args.teacher_model, "--kd-loss", "none", "--experiment", "teacher",
+        res = run_argv([str(data), "--model", args.teacher_model, "--kd-loss", "none", "--experiment", "teacher",
                       "--epochs", str(args.teacher_epochs), "--lr", str(args.teacher_lr),
                       "--eval-interval", str(args.teacher_epochs)] + common)[0]
         teacher_top1 = res["best_metric"]
@@ -86,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "val": args.val_per_class}, seed=args.seed)
     log.info(f"training {args.student_model} from scratch, with KD and with DKD "
              f"({args.student_per_class} images per class, one teacher pass per batch)")
-    results = _train([str(data), "--model", args.student_model, "--kd-loss", "none", "kd", "dkd",
+    results = run_argv([str(data), "--model", args.student_model, "--kd-loss", "none", "kd", "dkd",
                       "--teacher", args.teacher_model, "--teacher-pretrained", str(teacher_ckpt),
                       "--temperature", str(args.temperature), "--experiment", "students",
                       "--epochs", str(args.student_epochs), "--lr", str(args.student_lr),

@@ -115,6 +115,11 @@ class FeatureModel(nn.Module):
         return Features(logits, list(maps), pooled, preact)
 
 
+def resized(input_size: tuple[int, int, int], size: int | None) -> tuple[int, int, int]:
+    """``input_size`` (C, H, W) after an optional square resize (``--student-resize`` / ``--teacher-resize``)."""
+    return tuple(input_size) if size is None else (input_size[0], size, size)
+
+
 @torch.no_grad()
 def probe_shapes(fm: FeatureModel, input_size: tuple[int, int, int], device: torch.device) -> FeatureShapes:
     """Channel counts and map sizes from a forward of a 2-image dummy batch in eval mode."""

@@ -20,7 +20,7 @@ from .cli.train_args import check_list_lengths, setting
 from .data.loader import mixup_active
 from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
-from .features import FeatureModel, Features, FeatureShapes, probe_shapes
+from .features import FeatureModel, Features, FeatureShapes, probe_shapes, resized
 from .losses import create_kd_loss_from_args, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
@@ -136,9 +136,7 @@ class StudentRun:
         forward_model, kd_loss = self.model, None
         if entry is not None and entry.needs == "features":
             forward_model = FeatureModel(self.model, preact=getattr(entry.cls, "preact", False), name=s.model)
-            size = input_size if args.student_resize is None else (input_size[0], args.student_resize,
-                                                                    args.student_resize)
-            student_shapes = probe_shapes(forward_model, size, device)
+            student_shapes = probe_shapes(forward_model, resized(input_size, args.student_resize), device)
             kd_loss = create_kd_loss_from_args(s.kd_loss, args, student_shapes, teacher_shapes, num_data)
         elif entry is not None:
             kd_loss = create_kd_loss_from_args(s.kd_loss, args)

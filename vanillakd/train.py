@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -22,12 +20,13 @@ from timm.utils import distribute_bn
 from .checkpoint import atomic_save, load_file, plain, set_rng_state
 from .data.folder import build_train_val, drop_bad_images, take_fraction
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
+from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
 from .engine import evaluate, should_evaluate, train_one_epoch
 from .errors import UserError
 from .export import export_checkpoint
 from .external_log import ExternalLoggers
-from .features import FeatureModel, probe_shapes
+from .features import FeatureModel, probe_shapes, resized
 from .losses import get_kd_loss_entry
 from .models import check_model_name, check_teacher_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
@@ -35,12 +34,6 @@ from .precision import Precision, resolve_device
 from .student import NO_KD, StudentRun, student_settings
 
 log = logging.getLogger("vanillakd")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _check_args(args: argparse.Namespace, settings: list) -> None:
@@ -81,6 +74,12 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return unique_dir(root, name)
 
 
+def run_argv(argv: list[str], loss_kind: str = "logits") -> list[dict]:
+    """``run`` from a train-kd command line (the demo and the comparison harness drive runs this way)."""
+    from .cli.train_args import build_train_parser, parse_train_args
+    return run(parse_train_args(build_train_parser("train-kd.py", ""), argv), loss_kind)
+
+
 def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
     """Train every student the flags describe; return their best / final metrics."""
     logger = setup_console_logging()
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
     if not info.primary:
         logger.setLevel(logging.WARNING)  # rank 0 alone prints progress
     precision = Precision.create(device, args.amp, args.amp_dtype)
-    seed_everything(args.seed + info.rank)
+    seed_all(args.seed + info.rank)
 
     train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
                                                           args.class_map, args.num_classes)
@@ -141,7 +140,7 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, data_
         teacher.model = FeatureModel(teacher.model, preact=preact, name=args.teacher)
         teacher.eval()  # the new wrapper starts in training mode; the teacher never is
         input_size = tuple(data_config["input_size"])
-        size = input_size if teacher.resize is None else (input_size[0], teacher.resize, teacher.resize)
+        size = resized(input_size, teacher.resize)
         shapes = probe_shapes(teacher.model.to(device), size, device)
     teacher.to(device)
     if args.channels_last:
