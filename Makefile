@@ -29,7 +29,7 @@ test: setup fashion-mnist
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/kd_step.py --json benchmarks/results/kd_step_cpu.json
+	HF_HUB_OFFLINE=1 $(PY) -m vanillakd bench --threads 1 --json benchmarks/results/bench_cpu.json
 
 clean:
 	rm -rf $(VENV) runs output

@@ -142,3 +142,30 @@ def test_train_step_has_no_host_sync(tmp_path, kd_loss):
     metrics = st.train_metrics()
     assert set(metrics) == {"loss", "base_loss", "kd_loss"} and metrics["kd_loss"] > 0
     st.close()
+
+
+@pytest.mark.parametrize("topk", [0, 2])
+def test_cached_teacher_step_has_no_host_sync(tmp_path, topk):
+    from vanillakd.teacher_cache import CachedTeacher, EpochWriter, Storage, input_fingerprint
+    args = make_args(tmp_path, "--kd-loss", "kd", "--opt", "adamw", "--lr", "1e-3", "--mixup", "0.1")
+    st = StudentRun(0, student_settings(args)[0], args, 4, torch.device("cpu"), Precision.create(torch.device("cpu"),
+                    False), updates_per_epoch=10, out_dir=tmp_path / "s")
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 4).float() * 0.8 + 0.05
+    storage = Storage(topk=topk, dtype="float32" if topk == 0 else "float16", num_classes=4, batch_size=4, steps=4)
+    writer = EpochWriter(tmp_path / "cache", 0, 0, storage)
+    for step in range(4):
+        writer.add(step, torch.randn(4, 4), input_fingerprint(x, y))
+    writer.commit()
+    manifest = {"stream": {"num_classes": 4}, "storage": {"topk": topk, "dtype": storage.dtype}, "teacher": {}}
+    cache = CachedTeacher(tmp_path / "cache", manifest, 0, torch.device("cpu"))
+    st.train()
+    st.train_step(x, y, cache.batch_output(x, y, 0, 0))  # first step: lazy optimizer state
+    steps = [s["step"] for s in st.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    counter = SyncCounter(ignore=tuple(steps))
+    with counter.watch():
+        for step in range(1, 4):
+            st.train_step(x, y, cache.batch_output(x, y, 0, step))
+    assert counter.count == 0
+    cache.check()  # the batches matched their fingerprints (one host read, at a log point)
+    st.close()

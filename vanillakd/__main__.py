@@ -10,6 +10,8 @@ COMMANDS = {
     "train-kd": ("vanillakd.cli.train_kd", "logit distillation (the repository's train-kd.py)"),
     "train-fd": ("vanillakd.cli.train_fd", "feature distillation: correlation, rkd, review (train-fd.py)"),
     "train-crd": ("vanillakd.cli.train_crd", "contrastive representation distillation (train-crd.py)"),
+    "cache-teacher": ("vanillakd.cli.cache_teacher", "store the teacher's outputs over a training stream"),
+    "bench": ("vanillakd.bench", "img/s of the KD step and its parts, or of the data pipeline (--data)"),
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
     "compare": ("vanillakd.compare", "methods x data fractions x seeds under one recipe: tables and plots"),
     "report": ("vanillakd.cli.report", "tables and plots from finished run folders"),
@@ -24,7 +26,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+        lines = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
         print(f"usage: vanillakd <command> [args]\n\ncommands:\n{lines}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"vanillakd: error: unknown command {argv[0]!r}", file=sys.stderr)

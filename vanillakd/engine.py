@@ -69,7 +69,7 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
         teacher_out = None
         if teacher is not None:
             with precision.autocast():
-                teacher_out = teacher(x)
+                teacher_out = teacher.batch_output(x, target, epoch, step)
         for s in students:
             s.train_step(x, target, teacher_out, extras, epoch)
         bar.update()
@@ -78,6 +78,8 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
             elapsed = time.perf_counter() - start
             rate = (done - start_step) * batch_size / max(elapsed, 1e-9)
             eta = _eta(elapsed / (done - start_step) * (total - done))
+            if teacher is not None:
+                teacher.check()  # a teacher cache verifies here that it served this stream's batches
             for s in students:
                 m = s.train_metrics()
                 s.log.info(f"Train {epoch} [{done:>4d}/{total}] loss {m['loss']:.4f} (base {m['base_loss']:.4f} "

@@ -1,6 +1,7 @@
 """Student and teacher models from timm by name, with the errors a user can act on."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 
@@ -65,17 +66,46 @@ class FrozenTeacher(nn.Module):
             self.register_buffer("_shift", (mean_s - mean_t) / std_t, persistent=False)
             self.renorm = renorm
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         # whatever the caller asks (e.g. a parent module's .train()), BN / dropout stay in inference mode
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.renorm is not None:
-            x = torch.addcmul(self._shift.to(x.dtype), x, self._scale.to(x.dtype))
-        if self.resize is not None and x.shape[-1] != self.resize:
-            x = resize_batch(x, self.resize)
-        return self.model(x)
+        # inference mode skips autograd and version-counter bookkeeping; its tensors may not be saved for a
+        # backward pass, so the outputs (logits or Features) are cloned into ordinary tensors for the losses
+        with torch.inference_mode():
+            if self.renorm is not None:
+                x = torch.addcmul(self._shift.to(x.dtype), x, self._scale.to(x.dtype))
+            if self.resize is not None and x.shape[-1] != self.resize:
+                x = resize_batch(x, self.resize)
+            out = self.run(x)
+        return _clone_tensors(out)
+
+    def batch_output(self, x: torch.Tensor, target: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The teacher's output for batch ``step`` of ``epoch`` (a cache answers the same call from disk)."""
+        return self(x)
+
+    def check(self) -> None:
+        """Nothing to verify for a live teacher (a cache checks its batches here)."""
+
+    def compile_forward(self, mode: str | None = None) -> None:
+        """Compile the forward only: the saved / loaded ``model`` keeps its plain state-dict keys (the compiled
+        wrapper shares its parameters and is kept out of the module tree)."""
+        object.__setattr__(self, "_compiled", torch.compile(self.model, mode=mode))
+
+    def run(self, x: torch.Tensor):
+        compiled = self.__dict__.get("_compiled")
+        return (compiled or self.model)(x)
+
+
+def _clone_tensors(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if dataclasses.is_dataclass(out):
+        return type(out)(**{f.name: _clone_tensors(getattr(out, f.name)) for f in dataclasses.fields(out)})
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone_tensors(v) for v in out)
+    return out
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:

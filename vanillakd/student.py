@@ -26,6 +26,7 @@ from .models import create_student
 from .objective import KDObjective, create_base_loss
 from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir
 from .precision import Precision
+from .speed import maybe_compile, optimizer_speed_kwargs
 
 # --kd-loss none: the student trains on its labels alone (the "from scratch" baseline), no teacher pass
 NO_KD = "none"
@@ -68,8 +69,9 @@ def student_settings(args: argparse.Namespace) -> list[StudentSetting]:
             for key, decays in groups.items()]
 
 
-def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespace) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = {}
+def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespace,
+               device: torch.device) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(optimizer_speed_kwargs(s.opt, device, getattr(args, "fused_opt", None)))
     if args.opt_eps is not None:
         kwargs["eps"] = args.opt_eps
     if args.opt_betas is not None:
@@ -81,7 +83,7 @@ def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespa
         raise UserError(f"--opt {s.opt}: {e or 'unknown optimizer'}") from None
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
     return create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
@@ -146,18 +148,21 @@ class StudentRun:
                 kd_loss.to(memory_format=torch.channels_last)
         self.kd_loss = kd_loss
         base_loss = create_base_loss(mixup_active(args), s.smoothing, bool(s.bce_loss), args.bce_target_thresh)
+        # the objective runs the compiled module; self.model (saved, evaluated, EMA-tracked) stays the plain one
+        forward_model = maybe_compile(forward_model, getattr(args, "compile", False),
+                                      getattr(args, "compile_mode", None))
         self.objective = KDObjective(forward_model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
                                      smoothing=s.smoothing if mixup_active(args) else 0.0,
                                      student_resize=args.student_resize)
         self.forward = self.objective
         if dist_info.distributed:
             self.forward = _wrap_ddp(self.objective, device, broadcast_buffers=not args.no_ddp_bb)
-        self.optimizer = _optimizer(self.model, s, args)
+        self.optimizer = _optimizer(self.model, s, args, device)
         kd_params = [p for p in kd_loss.parameters() if p.requires_grad] if kd_loss is not None else []
         if kd_params:
             # embeddings / ABFs learn with the student, under its lr, schedule and weight decay
             self.optimizer.add_param_group({"params": kd_params, "lr": s.lr, "weight_decay": s.weight_decay})
-        self.scheduler, self.num_epochs = _scheduler(self.optimizer, args, updates_per_epoch)
+        self.scheduler, self.num_epochs = build_scheduler(self.optimizer, args, updates_per_epoch)
         self.scaler = precision.grad_scaler()
         self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
                      for d in s.ema_decays]

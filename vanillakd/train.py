@@ -28,10 +28,12 @@ from .export import export_checkpoint
 from .external_log import ExternalLoggers
 from .features import FeatureModel, probe_shapes, resized
 from .losses import get_kd_loss_entry
-from .models import check_model_name, check_teacher_name, create_teacher
+from .models import FrozenTeacher, check_model_name, check_teacher_name, create_teacher
 from .outputs import add_log_file, make_output_dir, setup_console_logging, unique_dir, write_args
 from .precision import Precision, resolve_device
+from .speed import resolve_speed_flags
 from .student import NO_KD, StudentRun, student_settings
+from .teacher_cache import open_cache, stream_description, teacher_description
 
 log = logging.getLogger("vanillakd")
 
@@ -91,14 +93,12 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
     check_sync_bn(args.sync_bn, device)
     if not info.primary:
         logger.setLevel(logging.WARNING)  # rank 0 alone prints progress
-    precision = Precision.create(device, args.amp, args.amp_dtype)
+    precision = setup_speed(args, device)
     seed_all(args.seed + info.rank)
-
-    train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
-                                                          args.class_map, args.num_classes)
-    for split in (train_split, val_split):
-        drop_bad_images(split, args.bad_images, args.workers, log.info)
-    take_fraction(train_split, args.train_fraction, args.train_subset_seed)
+    if args.teacher_cache and loss_kind != "logits" and any(s.uses_teacher for s in settings):
+        raise UserError("--teacher-cache holds the teacher's logits; feature methods (train-fd.py, train-crd.py) "
+                        "need its features at every step, so they run the teacher live")
+    train_split, val_split, num_classes = load_training_data(args)
     run_dir = _shared_run_dir(args, info)
     root_log = add_log_file(logger, run_dir / "log.txt") if info.primary else None
     students: list[StudentRun] = []
@@ -114,6 +114,24 @@ def run(args: argparse.Namespace, loss_kind: str = "logits") -> list[dict]:
             logger.removeHandler(root_log)
             root_log.close()
         logger.setLevel(logging.INFO)
+
+
+def setup_speed(args: argparse.Namespace, device: torch.device) -> Precision:
+    """Resolve the auto speed flags for ``device`` and return the run's precision."""
+    turned_on = resolve_speed_flags(args, device, list(args.model))
+    if turned_on:
+        log.info(f"on by default for {device.type}: {', '.join(turned_on)} (each has a --no-... flag)")
+    return Precision.create(device, args.amp, args.amp_dtype)
+
+
+def load_training_data(args: argparse.Namespace):
+    """(train split, val split, number of classes), bad images handled and the train fraction taken."""
+    train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
+                                                          args.class_map, args.num_classes)
+    for split in (train_split, val_split):
+        drop_bad_images(split, args.bad_images, args.workers, log.info)
+    take_fraction(train_split, args.train_fraction, args.train_subset_seed)
+    return train_split, val_split, num_classes
 
 
 def _shared_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
@@ -145,6 +163,8 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, data_
     teacher.to(device)
     if args.channels_last:
         teacher.to(memory_format=torch.channels_last)
+    if args.compile:
+        teacher.compile_forward(args.compile_mode)
     return teacher, shapes
 
 
@@ -243,7 +263,9 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
     # input size, crop and normalisation follow the first student's timm config unless flags override
     data_config = _data_config(args, settings[0].model)
     input_size = tuple(data_config["input_size"])
-    teacher, teacher_shapes = _build_teacher(args, settings, num_classes, device, data_config)
+    cached = bool(args.teacher_cache) and any(s.uses_teacher for s in settings)
+    teacher, teacher_shapes = (None, None) if cached else _build_teacher(args, settings, num_classes, device,
+                                                                          data_config)
     train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
                                       world_size=info.world_size, rank=info.rank,
                                       contrast_k=_contrast_k(args, settings))
@@ -258,6 +280,13 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                                    input_size=input_size, dist_info=info))
     for st in students:
         st.meta = {"data_config": plain(data_config), "classes": list(train_split.classes)}
+    if cached:
+        stream = stream_description(args, data_config, train_split.dataset.reader.samples, train_split.root,
+                                    info.world_size, steps, num_classes)
+        teacher = open_cache(args.teacher_cache, stream, teacher_description(args), students[0].num_epochs,
+                             info.rank, device, explicit_weights=bool(args.teacher_pretrained))
+        log.info(f"teacher outputs from the cache {args.teacher_cache} ({teacher.describe()}); the teacher does "
+                 "not run")
     start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
     if info.primary:
         for st in students:
@@ -292,7 +321,10 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
             for st in students:  # ranks saw different batches: make their BN statistics agree
                 distribute_bn(st.model, info.world_size, reduce=args.dist_bn == "reduce")
         do_eval = should_evaluate(epoch, num_epochs, args.eval_interval, args.eval_interval_end)
-        if do_eval and teacher is not None and teacher_preds is None:
+        if do_eval and cached and teacher_preds is None and not info.distributed:
+            teacher_preds = teacher.val_predictions(val_split.dataset.reader.samples, val_split.root,
+                                                    args.validation_batch_size or args.batch_size)
+        if do_eval and isinstance(teacher, FrozenTeacher) and teacher_preds is None:
             # the teacher is frozen: its predictions on the (fixed-order) val set are computed once
             teacher_preds = []
             t = evaluate(teacher, eval_loader, precision, args.channels_last, collect_top1=teacher_preds)

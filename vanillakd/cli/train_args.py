@@ -47,6 +47,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-fraction", type=pos_float, default=1.0,
                    help="train on a class-balanced, deterministic fraction of the training set")
     g.add_argument("--train-subset-seed", type=int, default=0, help="which subset --train-fraction draws")
+    g.add_argument("--data-pipeline", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu: timm's loader (workers decode and augment); gpu: workers read JPEG bytes, the "
+                        "training device decodes and augments in batches (same augmentation distribution)")
     g.add_argument("--bad-images", default="fail", choices=["fail", "skip", "off"],
                    help="start-up scan for truncated / non-image files: stop listing them (fail), leave them "
                         "out (skip), or no scan (off)")
@@ -68,7 +71,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", default="")
     g.add_argument("-b", "--batch-size", type=pos_int, default=128, help="per-process batch size")
     g.add_argument("-vb", "--validation-batch-size", type=pos_int, default=None)
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for conv nets on CUDA)")
+    g.add_argument("--compile", "--torchcompile", dest="compile", action="store_true",
+                   help="torch.compile the student(s) and the teacher")
+    g.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. max-autotune, reduce-overhead (default: torch's)")
 
 
 def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
@@ -80,6 +88,9 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
     g.add_argument("--teacher-norm", default="auto", choices=["auto", "student"],
                    help="auto: re-normalise the batch for the teacher when its mean/std differ from the student's; "
                         "student: feed the student's normalisation, as the seed did")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="read the teacher's outputs from a cache written by `vanillakd cache-teacher` with the "
+                        "same data, augmentation, batch size, world size and seed (logit methods only)")
     g.add_argument("--student-resize", type=pos_int, default=None, help="resize the batch to this for the student")
     g.add_argument("--kd-loss", default=[default_loss], nargs="+", help="distillation method(s) by name")
     g.add_argument("--kd-loss-weight", type=float, default=[1.0], nargs="+")
@@ -189,10 +200,15 @@ def add_misc_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=pos_int, default=50, help="steps between log lines (host syncs)")
     g.add_argument("--checkpoint-hist", type=int, default=10)
     g.add_argument("-j", "--workers", type=int, default=4)
-    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bfloat16 autocast, float16 + loss scaling where bfloat16 is unsupported "
+                        "(default: on for CUDA, off on the CPU)")
     g.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"])
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None,
+                   help="pinned host memory for batches (default: on for CUDA)")
+    g.add_argument("--fused-opt", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused (AdamW, SGD, ...) or foreach optimizer steps (default: on for CUDA)")
     g.add_argument("--output", default="", help="root folder of outputs (default ./output/train)")
     g.add_argument("--experiment", default="", help="name of the run's sub-folder")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"])

@@ -10,13 +10,14 @@ import argparse
 from typing import Any
 
 import torch
-from timm.data import FastCollateMixup, create_loader, create_transform
+from timm.data import FastCollateMixup, Mixup, create_loader, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import UserError
 from .contrast import ContrastSampler, dataset_labels
+from .device_pipeline import DeviceAugmentConfig, DeviceAugmentLoader, DeviceStreamDataset, device_collate
 from .prefetch import ExtrasPrefetchLoader
 from .stream import StreamDataset, StreamSampler, stream_collate
 
@@ -25,19 +26,32 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace, num_classes: int,
-                       device: torch.device, world_size: int = 1, rank: int = 0,
-                       contrast_k: int | None = None) -> ExtrasPrefetchLoader:
-    """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 is what crosses to the device).
-
-    The stream is replayable (see stream.py): sample and batch randomness come from (seed, rank, epoch,
-    position). With ``contrast_k`` each batch also carries ``{'index', 'contrastive_index'}`` for CRD.
-    """
+def train_dataset_view(dataset: Any, data_config: dict, args: argparse.Namespace, pipeline: str = "cpu",
+                       rank: int = 0, contrast: ContrastSampler | None = None):
+    """What the loader workers index with stream keys: augmented uint8 images (cpu pipeline: timm's transform),
+    or file bytes plus drawn augmentation parameters (gpu pipeline: the device does the rest)."""
+    if pipeline == "gpu":
+        if contrast is not None:
+            raise UserError("--data-pipeline gpu does not carry CRD's contrast indices; use --data-pipeline cpu")
+        return DeviceStreamDataset(dataset, DeviceAugmentConfig.from_args(args, data_config), args.seed, rank)
     dataset.transform = create_transform(
         data_config["input_size"], is_training=True, use_prefetcher=True, no_aug=args.no_aug,
         scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         auto_augment=args.aa, interpolation=args.train_interpolation, mean=data_config["mean"],
         std=data_config["std"])
+    return StreamDataset(dataset, args.seed, rank, contrast)
+
+
+def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace, num_classes: int,
+                       device: torch.device, world_size: int = 1, rank: int = 0,
+                       contrast_k: int | None = None) -> ExtrasPrefetchLoader:
+    """Shuffled, augmented, mixed batches, normalised on ``device`` (uint8 or file bytes cross to the device).
+
+    The stream is replayable (see stream.py): sample and batch randomness come from (seed, rank, epoch,
+    position). With ``contrast_k`` each batch also carries ``{'index', 'contrastive_index'}`` for CRD.
+    ``args.data_pipeline`` 'gpu' decodes and augments on ``device`` (device_pipeline.py).
+    """
+    pipeline = getattr(args, "data_pipeline", "cpu")
     if args.aug_repeats:
         # timm keeps a multiple of 256 samples per epoch; on a set smaller than that it would keep none
         selected_round = 256 if len(dataset) >= 256 * world_size else 0
@@ -45,26 +59,35 @@ def build_train_loader(dataset: Any, data_config: dict, args: argparse.Namespace
                                 selected_round=selected_round)
     else:
         base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    if mixup_active(args):
-        # label smoothing is applied per student by its objective, so one mixed batch serves students
-        # with different --smoothing values
-        inner = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                                 label_smoothing=0.0, num_classes=num_classes)
-    else:
-        inner = fast_collate
+    # label smoothing is applied per student by its objective, so one mixed batch serves students with
+    # different --smoothing values
+    mix_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                    prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                    label_smoothing=0.0, num_classes=num_classes)
+    if mixup_active(args) and args.batch_size % 2:
+        raise UserError(f"--mixup / --cutmix pair each sample with another: --batch-size must be even, got "
+                        f"{args.batch_size}")
     contrast = ContrastSampler(dataset_labels(dataset), contrast_k, args.seed) if contrast_k is not None else None
-    stream = StreamDataset(dataset, args.seed, rank, contrast)
+    view = train_dataset_view(dataset, data_config, args, pipeline, rank, contrast)
+    if pipeline == "gpu":
+        collate = device_collate
+    else:
+        inner = FastCollateMixup(**mix_args) if mixup_active(args) else fast_collate
+        collate = stream_collate(inner, args.seed, rank, args.mixup_off_epoch)
     loader = DataLoader(
-        stream, batch_size=args.batch_size, sampler=StreamSampler(base), num_workers=args.workers,
-        collate_fn=stream_collate(inner, args.seed, rank, args.mixup_off_epoch),
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
+        view, batch_size=args.batch_size, sampler=StreamSampler(base), num_workers=args.workers,
+        collate_fn=collate, pin_memory=bool(args.pin_mem) and device.type == "cuda", drop_last=True,
+        persistent_workers=args.workers > 0)
     if len(loader) == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(base)} images "
                         f"per process) and incomplete batches are dropped; lower --batch-size")
-    return ExtrasPrefetchLoader(loader, mean=data_config["mean"], std=data_config["std"],
-                                channels=data_config["input_size"][0], device=device, re_prob=args.reprob,
-                                re_mode=args.remode, re_count=args.recount)
+    common = dict(mean=data_config["mean"], std=data_config["std"], channels=data_config["input_size"][0],
+                  device=device, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, seed=args.seed,
+                  rank=rank)
+    if pipeline == "gpu":
+        mixup = Mixup(**mix_args) if mixup_active(args) else None
+        return DeviceAugmentLoader(loader, view.config, mixup, args.mixup_off_epoch, **common)
+    return ExtrasPrefetchLoader(loader, **common)
 
 
 def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers: int, device: torch.device,

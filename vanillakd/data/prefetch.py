@@ -3,23 +3,48 @@ batch element: a dict of per-sample extras (dataset index, contrast indices, ...
 them. Batches without extras come out as ``(input, target)`` exactly as timm's do."""
 from __future__ import annotations
 
+import random
 from contextlib import suppress
 from functools import partial
 
 import torch
 from timm.data.loader import PrefetchLoader
 
+from .stream import BATCH_KEY, mix_seed
+
 
 class ExtrasPrefetchLoader(PrefetchLoader):
+    def __init__(self, loader, *args, seed: int = 0, rank: int = 0, **kwargs):
+        super().__init__(loader, *args, **kwargs)
+        self.seed, self.rank = seed, rank
+
     def _to_device(self, batch):
+        extras = dict(batch[2]) if len(batch) > 2 else {}
+        key = extras.pop(BATCH_KEY, None)
         x = batch[0].to(device=self.device, non_blocking=True)
         x = x.to(self.img_dtype).sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
-            x = self.random_erasing(x)
+            x = self._erase(x, key)
         out = [x, batch[1].to(device=self.device, non_blocking=True)]
-        if len(batch) > 2:
-            out.append({k: v.to(device=self.device, non_blocking=True) for k, v in batch[2].items()})
+        if extras:
+            out.append({k: v.to(device=self.device, non_blocking=True) for k, v in extras.items()})
         return tuple(out)
+
+    def _erase(self, x, key):
+        """timm's random erasing, its randomness seeded from the batch's place in the stream (when known) so
+        that a resumed run and a teacher cache see the same erased pixels."""
+        if key is None:
+            return self.random_erasing(x)
+        epoch, position = (int(v) for v in key)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[self.device] if self.is_cuda else []):
+            seed = mix_seed(self.seed, self.rank, epoch, position, 2)
+            random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.random_erasing(x)
+            finally:
+                random.setstate(py_state)
 
     def __iter__(self):
         if self.is_cuda:

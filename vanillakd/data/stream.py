@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from .contrast import ContrastSampler
 
 _MASK = (1 << 63) - 1
+BATCH_KEY = "_batch_key"  # (epoch, position of the batch's first sample), popped by the prefetch loader
 
 
 def mix_seed(*parts: int) -> int:
@@ -100,9 +101,9 @@ def stream_collate(inner: Callable, seed: int, rank: int = 0, mixup_off_epoch: i
             inner.mixup_enabled = epoch < mixup_off_epoch
         x, y = inner([(b[0], b[1]) for b in batch])
         keys = [k for k in first if not k.startswith("_")]
-        if not keys:
-            return x, y
         extras = {k: torch.as_tensor(np.stack([np.asarray(b[2][k]) for b in batch])) for k in keys}
+        # the batch's place in the stream, for randomness drawn after collation (random erasing on the device)
+        extras[BATCH_KEY] = torch.tensor([epoch, first["_position"]])
         return x, y, extras
     collate.inner = inner
     return collate

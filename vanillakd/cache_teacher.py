@@ -1,0 +1,164 @@
+"""``vanillakd cache-teacher``: run the teacher once over the exact training stream a later train-kd run will
+see, and store its outputs (see teacher_cache.py for the format and the top-k error).
+
+It takes train-kd's flags, so the usual way is to copy the training command and add ``--cache-dir``. Under
+torchrun each rank writes its own part, with the world size recorded. Re-running the same command continues
+an interrupted cache from its first unfinished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from .data.loader import build_eval_loader, build_train_loader, set_epoch
+from .data.stream import seed_all
+from .distributed import init_distributed, teardown
+from .engine import Progress, evaluate
+from .errors import UserError
+from .outputs import setup_console_logging
+from .student import NO_KD, build_scheduler, student_settings
+from .teacher_cache import (FORMAT_VERSION, EpochWriter, Storage, describe_difference, disk_bytes, epoch_dir,
+                            human_bytes, input_fingerprint, read_manifest, reconstruction_l1, samples_digest,
+                            save_val_predictions, stream_description, teacher_description, write_manifest)
+from .train import _build_teacher, _check_args, _data_config, load_training_data, setup_speed
+
+log = logging.getLogger("vanillakd")
+
+
+def _num_epochs(args: argparse.Namespace, steps: int) -> int:
+    """The epoch count a training run with these flags has (timm's schedule adds cooldown epochs)."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr[0])
+    return build_scheduler(dummy, args, steps)[1]
+
+
+def _storage(args: argparse.Namespace, num_classes: int, steps: int) -> Storage:
+    if args.cache_topk < 0:
+        raise UserError(f"--cache-topk must be >= 0 (0 = full logits), got {args.cache_topk}")
+    full = args.cache_topk == 0 or args.cache_topk >= num_classes
+    dtype = args.cache_dtype if args.cache_dtype != "auto" else ("float32" if full else "float16")
+    return Storage(topk=0 if full else args.cache_topk, dtype=dtype, num_classes=num_classes,
+                   batch_size=args.batch_size, steps=steps)
+
+
+def write_cache(args: argparse.Namespace) -> dict:
+    """Write (or continue) the cache; return its manifest."""
+    logger = setup_console_logging()
+    settings = student_settings(args)
+    _check_args(args, settings)
+    if args.kd_loss == [NO_KD]:
+        raise UserError("--kd-loss none trains without a teacher: there is nothing to cache")
+    want_cuda = args.device.startswith("cuda") if args.device else None
+    info = init_distributed(args.local_rank, want_cuda, args.dist_timeout)
+    from .precision import resolve_device
+    device = resolve_device(args.device, info.local_rank)
+    if not info.primary:
+        logger.setLevel(logging.WARNING)
+    precision = setup_speed(args, device)
+    seed_all(args.seed + info.rank)
+    train_split, val_split, num_classes = load_training_data(args)
+    data_config = _data_config(args, settings[0].model)
+    logit_settings = [s for s in settings if s.uses_teacher][:1]  # logits only, whatever methods follow
+    teacher, _ = _build_teacher(args, logit_settings, num_classes, device, data_config)
+    loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
+                                world_size=info.world_size, rank=info.rank)
+    steps = len(loader) if args.max_train_steps is None else min(len(loader), args.max_train_steps)
+    num_epochs = _num_epochs(args, steps)
+    storage = _storage(args, num_classes, steps)
+    manifest = {
+        "version": FORMAT_VERSION,
+        "stream": stream_description(args, data_config, train_split.dataset.reader.samples, train_split.root,
+                                     info.world_size, steps, num_classes),
+        "teacher": {**teacher_description(args), "precision": str(precision)},
+        "storage": {"topk": storage.topk, "dtype": storage.dtype, "bytes_per_sample": storage.bytes_per_sample()},
+        "epochs_done": [], "error": {},
+    }
+    root = args.cache_dir
+    manifest = _continue(root, manifest)
+    if info.primary and not info.distributed and "val" not in manifest:
+        _cache_val_predictions(root, manifest, teacher, val_split, data_config, args, device, precision)
+    todo = [e for e in range(num_epochs) if e not in manifest["epochs_done"]]
+    images = steps * args.batch_size * info.world_size
+    log.info(f"caching {storage.topk and f'top-{storage.topk}' or 'full'} {storage.dtype} teacher outputs of "
+             f"{len(todo)} epoch(s) ({num_epochs} in all) x {steps} steps into {root}: "
+             f"{human_bytes(disk_bytes(images, len(todo), storage))} to write")
+    temps = sorted({1.0, float(args.temperature)})
+    for epoch in todo:
+        t0 = time.perf_counter()
+        set_epoch(loader, epoch)
+        writer = EpochWriter(root, epoch, info.rank, storage)
+        errors = {t: [] for t in temps}
+        bar = Progress(steps, f"cache {epoch}", args.progress if info.primary else False)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            x, target = batch[0], batch[1]
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision.autocast():
+                logits = teacher.batch_output(x, target, epoch, step)
+            writer.add(step, logits, input_fingerprint(x, target))
+            if not storage.full:
+                for t, e in reconstruction_l1(logits, storage, tuple(temps)).items():
+                    errors[t].append(e)
+            bar.update()
+        bar.close()
+        writer.commit()
+        if info.distributed:
+            dist.barrier()  # every rank's part of the epoch is in place before it is listed as done
+        if info.primary:
+            manifest["epochs_done"] = sorted(set(manifest["epochs_done"]) | {epoch})
+            if errors[1.0]:
+                manifest["error"][str(epoch)] = {
+                    f"l1_T{t:g}": {"mean": float(torch.cat(e).mean()), "max": float(torch.cat(e).max())}
+                    for t, e in errors.items()}
+            write_manifest(root, manifest)
+        log.info(f"epoch {epoch}: cached {steps} batches in {time.perf_counter() - t0:.1f}s"
+                 + (f"; top-{storage.topk} L1 error of the teacher's probabilities (T=1) mean "
+                    f"{manifest['error'][str(epoch)]['l1_T1']['mean']:.2e} max "
+                    f"{manifest['error'][str(epoch)]['l1_T1']['max']:.2e}" if info.primary and errors[1.0] else ""))
+    teardown(info)
+    return manifest
+
+
+def _cache_val_predictions(root, manifest: dict, teacher, val_split, data_config: dict, args, device,
+                           precision) -> None:
+    """The teacher's top-1 class on the val set, so runs with the cache still report agreement."""
+    preds: list[torch.Tensor] = []
+    loader = build_eval_loader(val_split.dataset, data_config, args.validation_batch_size or args.batch_size,
+                               args.workers, device, pin_memory=args.pin_mem)
+    metrics = evaluate(teacher, loader, precision, args.channels_last, collect_top1=preds)
+    save_val_predictions(root, torch.cat(preds))
+    manifest["val"] = {"files": samples_digest(val_split.dataset.reader.samples, val_split.root),
+                       "images": len(val_split.dataset), "teacher_top1": metrics["top1"]}
+    write_manifest(root, manifest)
+    log.info(f"teacher: top1 {metrics['top1']:.2f} on the val set (its predictions are cached for agreement)")
+
+
+def _continue(root, manifest: dict) -> dict:
+    """A new cache folder, or the manifest of the same cache to continue (anything else is refused)."""
+    from pathlib import Path
+    folder = Path(root)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--cache-dir {root} is a file")
+    if not (folder / "manifest.json").exists():
+        if folder.exists() and any(folder.iterdir()):
+            raise UserError(f"--cache-dir {root} is not empty and holds no teacher cache; choose a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_manifest(folder, manifest)
+        return manifest
+    old = read_manifest(folder)
+    diff = describe_difference(old["stream"], manifest["stream"])
+    diff += [f"{k}: cache {old['storage'].get(k)}, run {manifest['storage'][k]}" for k in ("topk", "dtype")
+             if old["storage"].get(k) != manifest["storage"][k]]
+    diff += [f"teacher {k}: cache {old['teacher'].get(k)}, run {manifest['teacher'][k]}"
+             for k in ("name", "weights_sha256", "resize", "norm") if old["teacher"].get(k) != manifest["teacher"][k]]
+    if diff:
+        raise UserError(f"--cache-dir {root} holds a cache of another stream or teacher ({'; '.join(diff)}); "
+                        "choose a new folder")
+    done = [e for e in old.get("epochs_done", []) if epoch_dir(folder, e, 0).is_dir()]
+    log.info(f"continuing the cache in {root}: {len(done)} epoch(s) already done")
+    return {**old, "epochs_done": done}

@@ -1,0 +1,251 @@
+"""``--data-pipeline gpu``: loader workers only read JPEG bytes and draw each sample's augmentation parameters;
+decoding (nvjpeg through torchvision, batched), random-resized-crop, flips, RandAugment / colour jitter, mixup /
+cutmix, normalisation and random erasing run on the training device, batched.
+
+Why: on a GPU node the CPU loader, mostly JPEG decoding and PIL augmentation, caps KD training well below what
+the GPU step can take. The same code runs with ``--device cpu`` (decoding on the CPU), which is how CI tests it.
+
+Randomness: every parameter is drawn in the worker from a generator seeded with (seed, rank, epoch, position)
+and the batch mixup from (seed, rank, epoch, first position), so the stream is replayable exactly as the CPU
+pipeline's is (mid-epoch resume, teacher cache), whatever the worker count. The distribution is timm's
+(device_augment.py reproduces its transforms); the pixels are not bit-identical to PIL's.
+
+Files that are not 3-component JPEGs (PNG, grayscale or CMYK JPEG, ...) are decoded by PIL in the worker
+and travel as uint8 pixels; a batch the device decoder rejects is decoded image by image on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import struct
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from . import device_augment as aug
+from .prefetch import ExtrasPrefetchLoader
+from .stream import BATCH_KEY, mix_seed
+
+# SOF markers (baseline, extended, progressive; Huffman coded) a JPEG decoder on the device handles
+_DEVICE_SOF = {0xC0, 0xC1, 0xC2}
+_ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(SOF marker, height, width, components) of a JPEG, or None when ``data`` is not a readable JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in _ALL_SOF:
+            if i + 10 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return marker, h, w, data[i + 9]
+        i += 2 + length
+    return None
+
+
+@dataclass
+class DeviceAugmentConfig:
+    """What the device pipeline does, resolved from the training flags (timm's train-transform rules)."""
+    size: tuple[int, int]
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    vflip: float
+    interpolation: str
+    no_aug: bool
+    rand_augment: aug.RandAugmentConfig | None
+    color_jitter: float | tuple | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, data_config: dict) -> DeviceAugmentConfig:
+        size = tuple(data_config["input_size"][-2:])
+        ra, jitter = None, None
+        if not args.no_aug:
+            if args.aa:
+                if not str(args.aa).startswith("rand"):
+                    raise UserError(f"--data-pipeline gpu supports RandAugment (--aa rand-...), not --aa {args.aa}; "
+                                    "use --data-pipeline cpu for other policies")
+                try:
+                    # timm fixes the geometric ops' filter to --train-interpolation unless that is 'random'
+                    ra = aug.RandAugmentConfig.from_timm(args.aa, min(size), tuple(data_config["mean"]),
+                                                         interpolation=args.train_interpolation)
+                except ValueError as e:
+                    raise UserError(f"--aa {args.aa}: {e}") from None
+            elif args.color_jitter:
+                jitter = args.color_jitter  # timm: colour jitter only without an auto-augment policy
+        interpolation = args.train_interpolation
+        if interpolation not in ("random", "bilinear", "bicubic"):
+            raise UserError(f"--data-pipeline gpu: --train-interpolation {interpolation} is not supported "
+                            "(random, bilinear or bicubic)")
+        return cls(size, tuple(args.scale), tuple(args.ratio), args.hflip, args.vflip, interpolation, args.no_aug,
+                   ra, jitter)
+
+
+class DeviceStreamDataset(torch.utils.data.Dataset):
+    """Worker side: ``(payload, target, params, key)`` per stream key ``(epoch, position, index)``.
+
+    ``payload`` is ``('jpeg', bytes tensor)`` for files the device decodes, else ``('pixels', uint8 CHW)``."""
+
+    def __init__(self, dataset, config: DeviceAugmentConfig, seed: int, rank: int = 0):
+        self.dataset, self.config, self.seed, self.rank = dataset, config, seed, rank
+        self.samples = dataset.reader.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, position, index = key
+        path, target = self.samples[index]
+        with open(path, "rb") as f:
+            data = f.read()
+        header = jpeg_header(data)
+        if header is not None and header[0] in _DEVICE_SOF and header[3] == 3:
+            payload = ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            h, w = header[1], header[2]
+        else:
+            pixels = _decode_with_pil(data, path)
+            payload = ("pixels", pixels)
+            h, w = pixels.shape[1:]
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, position))
+        return payload, int(target), sample_params(self.config, h, w, gen), (epoch, position)
+
+
+def _decode_with_pil(data: bytes, path: str) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as e:  # a file the scan let through (--bad-images off) that PIL cannot read either
+        raise UserError(f"cannot decode {path}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class SampleParams:
+    crop: aug.CropParams
+    interpolation: str
+    rand_augment: aug.RandAugmentParams | None
+    color_jitter: aug.ColorJitterParams | None
+
+
+def sample_params(config: DeviceAugmentConfig, h: int, w: int, gen: torch.Generator) -> SampleParams:
+    """One sample's augmentation draws, in timm's order: crop (+ interpolation), flips, then the colour ops."""
+    if config.no_aug:  # timm's no_aug: resize the shorter side, centre crop
+        side = min(h, w)
+        crop = aug.CropParams((h - side) // 2, (w - side) // 2, side, side, False, False)
+        return SampleParams(crop, "bilinear", None, None)
+    crop = aug.sample_crop(h, w, config.scale, config.ratio, config.hflip, config.vflip, gen)
+    interpolation = aug.sample_interpolation(config.interpolation, gen)
+    ra = aug.sample_rand_augment(config.rand_augment, 1, gen) if config.rand_augment is not None else None
+    cj = aug.sample_color_jitter(config.color_jitter, 1, gen) if config.color_jitter else None
+    return SampleParams(crop, interpolation, ra, cj)
+
+
+def _cat_params(items: list):
+    """Concatenate per-sample dataclasses of (1, ...) tensors into one batch dataclass."""
+    if items[0] is None:
+        return None
+    cls = type(items[0])
+    out = {}
+    for f in fields(cls):
+        values = [getattr(it, f.name) for it in items]
+        out[f.name] = None if values[0] is None else torch.cat(values)
+    return cls(**out)
+
+
+def device_collate(batch: list) -> tuple:
+    """Worker-side collate: payloads stay a list (images differ in size), parameters are batched."""
+    payloads = [b[0] for b in batch]
+    targets = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    params = [b[2] for b in batch]
+    key = torch.tensor(batch[0][3])
+    return payloads, targets, {"crops": [p.crop for p in params], "interp": [p.interpolation for p in params],
+                               "ra": _cat_params([p.rand_augment for p in params]),
+                               "cj": _cat_params([p.color_jitter for p in params])}, {BATCH_KEY: key}
+
+
+def decode_batch(payloads: list, device: torch.device) -> list[torch.Tensor]:
+    """uint8 CHW images on ``device``: JPEGs decoded in one batched call (nvjpeg on CUDA), pixels moved."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+    # torchvision 0.29 flags its image decoders as deprecated in favour of TorchCodec; they remain the batched
+    # nvjpeg path we need, so the notice is silenced here rather than printed every run
+    warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+    out: list[torch.Tensor | None] = [None] * len(payloads)
+    jpeg_idx = [i for i, (kind, _) in enumerate(payloads) if kind == "jpeg"]
+    if jpeg_idx:
+        data = [payloads[i][1] for i in jpeg_idx]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # e.g. a JPEG variant the device decoder rejects: the CPU decodes this batch
+            decoded = [decode_jpeg(d.cpu(), mode=ImageReadMode.RGB).to(device) for d in data]
+        for i, img in zip(jpeg_idx, decoded):
+            out[i] = img
+    for i, (kind, value) in enumerate(payloads):
+        if kind == "pixels":
+            out[i] = value.to(device, non_blocking=True)
+    return out
+
+
+class DeviceAugmentLoader(ExtrasPrefetchLoader):
+    """The training loader's device side for ``--data-pipeline gpu``: decode, augment, mix, normalise, erase.
+
+    Runs on the prefetcher's side stream on CUDA, so batch n+1 is prepared while the step of batch n runs."""
+
+    def __init__(self, loader, config: DeviceAugmentConfig, mixup=None, mixup_off_epoch: int = 0, **kwargs):
+        super().__init__(loader, **kwargs)
+        self.config, self.mixup, self.mixup_off_epoch = config, mixup, mixup_off_epoch
+
+    def _to_device(self, batch):
+        payloads, targets, params, extras = batch
+        key = extras.pop(BATCH_KEY, None)
+        images = decode_batch(payloads, self.device)
+        x = aug.crop_resize(images, params["crops"], self.config.size, params["interp"])
+        if params["ra"] is not None:
+            x = aug.apply_rand_augment(x, self.config.rand_augment, params["ra"])
+        if params["cj"] is not None:
+            x = aug.apply_color_jitter(x, params["cj"])
+        # PIL hands timm's pipeline whole numbers: round as it does before normalising
+        x = x.round_().clamp_(0, 255).to(self.img_dtype).sub_(self.mean).div_(self.std)
+        y = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:  # mixing normalised images = normalising mixed ones (an affine map)
+            x, y = self._mix(x, y, key)
+        if self.random_erasing is not None:  # after mixup, as in the CPU pipeline
+            x = self._erase(x, key)
+        out = [x, y]
+        if extras:
+            out.append({k: v.to(device=self.device, non_blocking=True) for k, v in extras.items()})
+        return tuple(out)
+
+    def _mix(self, x, y, key):
+        """timm's Mixup on the device, its draws seeded from the batch's place in the stream."""
+        epoch, position = (int(v) for v in key)
+        if self.mixup_off_epoch:
+            self.mixup.mixup_enabled = epoch < self.mixup_off_epoch
+        np_state, py_state = np.random.get_state(), random.getstate()
+        seed = mix_seed(self.seed, self.rank, epoch, position, 1)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
+        try:
+            return self.mixup(x, y)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)

@@ -1,0 +1,405 @@
+"""Teacher-output cache: the teacher's logits for every batch of a replayable training stream, so that later
+runs (other students, methods, loss weights) train without running the teacher.
+
+Why it stays correct under strong augmentation: the stream (data/stream.py) derives every sample's
+augmentation and every batch's mixup / cutmix / random erasing from (seed, rank, epoch, position), so the
+batch a run sees at (epoch, step) is a pure function of the flags recorded in the manifest. A run whose
+stream flags differ is refused up front; each cached batch also carries a fingerprint of its input and
+target, checked on the device (read at log points), which catches what flags cannot (files changed on disk).
+
+Layout of a cache folder::
+
+    manifest.json                    what the stream depends on, the storage format, finished epochs
+    val_top1.npy                     the teacher's top-1 class of each val image (for the agreement metric)
+    epoch0003-rank0/values.npy       top-k: (steps, B, k) log-probabilities, float16
+                    indices.npy      top-k: (steps, B, k) class indices, int16 (int32 beyond 32767 classes)
+                    lse.npy          top-k: (steps, B) logsumexp of the logits, float32
+                    tail.npy         top-k: (steps, B) probability mass outside the top k, float32
+                    logits.npy       full: (steps, B, C) logits, float32 (or float16)
+                    fingerprint.npy  (steps, B, 2) float32: mean of the input, label checksum
+
+An epoch folder is written under a temporary name and renamed when complete, so a cache interrupted midway
+holds only whole epochs and the same command continues it.
+
+Top-k reconstruction: the k stored classes get ``log p_i + lse`` (their exact logits up to float16 rounding
+of ``log p_i``), every other class the same logit carrying the remaining probability mass ``m = 1 - sum_topk
+p_i``, computed in float32 before rounding and stored, at temperature 1. So at T = 1 the teacher's distribution
+p' differs from p, per sample, by ``||p' - p||_1 <= 2 m [C - k > 1] + 2 S + 2^-21 (|lse| + 1)`` with
+``S = sum_topk p_i (exp(2^-11 |log p_i|) - 1)`` (float16 rounding, counted once in the kept classes and once in
+the normalisation) and the last term float32 rounding of ``log p_i + lse``. Because the gradient of
+``KL(p || softmax(z_s))`` with respect to the student's logits is ``softmax(z_s) - p``, the KD gradient per
+sample differs by exactly ``p - p'``: at most that bound in L1. The cache measures ``||p' - p||_1`` (at T = 1
+and at the run's ``--temperature``) while it is written and records mean / max in the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+VAL_TOP1 = "val_top1.npy"  # the teacher's top-1 class per val image, in the eval loader's order
+FORMAT_VERSION = 1
+# input fingerprints agree to ~1e-6 between devices and worker counts; a different image or crop moves the
+# per-sample mean by far more than this
+FINGERPRINT_TOL = 1e-3
+
+# the flags that decide which batch a run sees at (epoch, step); `data_config`, the training-file list and the
+# world size are recorded beside them
+STREAM_FLAGS = ("batch_size", "seed", "no_aug", "scale", "ratio", "hflip", "vflip", "color_jitter", "aa",
+                "aug_repeats", "reprob", "remode", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob",
+                "mixup_switch_prob", "mixup_mode", "mixup_off_epoch", "train_interpolation", "max_train_steps",
+                "data_pipeline")
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def samples_digest(samples: list[tuple[str, int]], root: str | os.PathLike) -> str:
+    """The training files (relative to the split folder) and their labels: moving the data keeps the digest."""
+    h = hashlib.sha256()
+    for path, target in samples:
+        h.update(f"{os.path.relpath(path, root)}\t{target}\n".encode())
+    return h.hexdigest()
+
+
+def stream_description(args, data_config: dict, samples: list, root, world_size: int, steps: int,
+                       num_classes: int) -> dict[str, Any]:
+    """Everything the training stream depends on, as plain JSON values."""
+    desc = {k: _plain(getattr(args, k, None)) for k in STREAM_FLAGS}
+    desc.update(data_config={k: _plain(data_config[k]) for k in ("input_size", "mean", "std", "interpolation")},
+                train_files=samples_digest(samples, root), train_images=len(samples), world_size=world_size,
+                steps_per_epoch=steps, num_classes=num_classes)
+    return desc
+
+
+def teacher_description(args) -> dict[str, Any]:
+    weights = getattr(args, "teacher_pretrained", None)
+    return {"name": args.teacher, "weights_sha256": file_digest(weights) if weights else None,
+            "resize": args.teacher_resize, "norm": args.teacher_norm}
+
+
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return v  # json keeps 1.0 as 1.0; compared as numbers below
+    return v
+
+
+def describe_difference(cached: dict, wanted: dict) -> list[str]:
+    """'key: cache X, run Y' for each differing key (numbers compared as numbers)."""
+    out = []
+    for key in sorted(set(cached) | set(wanted)):
+        a, b = cached.get(key), wanted.get(key)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True) and not _num_equal(a, b):
+            if key == "train_files":
+                out.append("train_files: the training images or their labels differ")
+            else:
+                out.append(f"{key}: cache {json.dumps(a)}, run {json.dumps(b)}")
+    return out
+
+
+def _num_equal(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_num_equal(x, y) or x == y for x, y in zip(a, b))
+    return False
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise UserError(f"--teacher-cache {root} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--teacher-cache {root} has no {MANIFEST}: not a teacher cache, or one still being "
+                        "started") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}); the cache is damaged") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise UserError(f"--teacher-cache {root}: format version {manifest.get('version')}, this vanillakd reads "
+                        f"{FORMAT_VERSION}")
+    return manifest
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
+    atomic_write(Path(root) / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
+
+
+def save_val_predictions(root: str | os.PathLike, top1: torch.Tensor) -> None:
+    atomic_write(Path(root) / VAL_TOP1, lambda f: np.save(f, top1.cpu().numpy().astype(np.int64)))
+
+
+def epoch_dir(root: str | os.PathLike, epoch: int, rank: int) -> Path:
+    return Path(root) / f"epoch{epoch:04d}-rank{rank}"
+
+
+def input_fingerprint(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 2): each sample's input mean and a label checksum (sum_c c * y_c for soft targets)."""
+    if target.ndim == 2:
+        label = (target.float() * torch.arange(target.shape[1], device=target.device, dtype=torch.float32)).sum(1)
+    else:
+        label = target.float()
+    return torch.stack([x.float().mean(dim=(1, 2, 3)), label], dim=1)
+
+
+@dataclass
+class Storage:
+    topk: int            # 0: full logits
+    dtype: str           # 'float16' | 'float32' (values / logits)
+    num_classes: int
+    batch_size: int
+    steps: int
+
+    @property
+    def full(self) -> bool:
+        return self.topk == 0 or self.topk >= self.num_classes
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        s, b, c = self.steps, self.batch_size, self.num_classes
+        shapes: dict[str, tuple[tuple[int, ...], Any]] = {"fingerprint": ((s, b, 2), np.float32)}
+        if self.full:
+            shapes["logits"] = ((s, b, c), np.dtype(self.dtype))
+        else:
+            index_dtype = np.int16 if c <= np.iinfo(np.int16).max else np.int32
+            shapes.update(values=((s, b, self.topk), np.dtype(self.dtype)), indices=((s, b, self.topk), index_dtype),
+                          lse=((s, b), np.float32), tail=((s, b), np.float32))
+        return shapes
+
+    def bytes_per_sample(self) -> int:
+        return sum(int(np.prod(shape[2:], dtype=np.int64)) * np.dtype(dt).itemsize
+                   for shape, dt in self.arrays().values())
+
+
+def encode(logits: torch.Tensor, storage: Storage) -> dict[str, np.ndarray]:
+    """One batch's logits in the storage format (host arrays)."""
+    z = logits.detach().float()
+    if storage.full:
+        return {"logits": z.to(getattr(torch, storage.dtype)).cpu().numpy()}
+    lse = torch.logsumexp(z, dim=1)
+    values, indices = torch.topk(z - lse[:, None], storage.topk, dim=1)
+    # the tail mass from the float32 values: rounding the kept values must not move mass into the tail
+    tail = (1.0 - values.exp().sum(1)).clamp_min(0.0)
+    return {"values": values.to(getattr(torch, storage.dtype)).cpu().numpy(),
+            "indices": indices.cpu().numpy().astype(storage.arrays()["indices"][1]), "lse": lse.cpu().numpy(),
+            "tail": tail.cpu().numpy()}
+
+
+def decode(arrays: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """float32 (B, C) logits from one batch's stored arrays (already on the target device)."""
+    if "logits" in arrays:
+        return arrays["logits"].float()
+    logp, lse = arrays["values"].float(), arrays["lse"].float()[:, None]
+    k = logp.shape[1]
+    if k >= num_classes:
+        z = torch.empty(logp.shape[0], num_classes, device=logp.device)
+    else:
+        # the tail keeps its mass at T = 1, spread evenly (a floor keeps its logit finite when the mass is 0)
+        tail = arrays["tail"].float()[:, None].clamp_min(1e-30)
+        z = (torch.log(tail / (num_classes - k)) + lse).expand(-1, num_classes).contiguous()
+    return z.scatter_(1, arrays["indices"].long(), logp + lse)
+
+
+def reconstruction_l1(logits: torch.Tensor, storage: Storage,
+                      temperatures: tuple[float, ...]) -> dict[float, torch.Tensor]:
+    """Per-sample ``||softmax(z'/T) - softmax(z/T)||_1`` of the cache's reconstruction z' at each T."""
+    z = logits.detach().float()
+    enc = {k: torch.from_numpy(v).to(z.device) for k, v in encode(z, storage).items()}
+    z2 = decode(enc, storage.num_classes)
+    return {t: (torch.softmax(z2 / t, 1) - torch.softmax(z / t, 1)).abs().sum(1) for t in temperatures}
+
+
+class EpochWriter:
+    """One rank's outputs for one epoch, written into memory-mapped .npy files in a temporary folder and
+    renamed into place by ``commit``."""
+
+    def __init__(self, root: str | os.PathLike, epoch: int, rank: int, storage: Storage):
+        self.final = epoch_dir(root, epoch, rank)
+        self.tmp = self.final.with_name(self.final.name + ".partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)  # an interrupted earlier attempt at this epoch
+        self.tmp.mkdir(parents=True)
+        self.arrays = {name: np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dt, shape=shape)
+                       for name, (shape, dt) in storage.arrays().items()}
+        self.storage = storage
+        self.written = np.zeros(storage.steps, dtype=bool)
+
+    def add(self, step: int, logits: torch.Tensor, fingerprint: torch.Tensor) -> None:
+        for name, value in encode(logits, self.storage).items():
+            self.arrays[name][step] = value
+        self.arrays["fingerprint"][step] = fingerprint.float().cpu().numpy()
+        self.written[step] = True
+
+    def commit(self) -> None:
+        if not self.written.all():
+            raise RuntimeError(f"epoch folder {self.final.name}: steps {np.flatnonzero(~self.written)[:5]} missing")
+        for arr in self.arrays.values():
+            arr.flush()
+            fd = os.open(arr.filename, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before the rename publishes the epoch
+            finally:
+                os.close(fd)
+        self.arrays.clear()
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+
+
+class _Staging:
+    """Host-to-device copies of cache rows without a host synchronisation per step.
+
+    A copy from ordinary (pageable) memory waits for the device's queue to drain; pinned buffers copy
+    asynchronously. Each array cycles through ``depth`` pinned buffers, a buffer being reused only once the
+    copy that last read it has finished (so the host runs at most ``depth`` steps ahead of the device)."""
+
+    def __init__(self, device: torch.device, depth: int = 4):
+        self.device, self.depth = device, depth
+        self.cuda = device.type == "cuda"
+        self._buffers: dict[str, list] = {}
+        self._turn = 0
+
+    def to_device(self, name: str, row: np.ndarray) -> torch.Tensor:
+        if not self.cuda:
+            return torch.from_numpy(np.array(row))
+        ring = self._buffers.setdefault(name, [None] * self.depth)
+        slot = self._turn % self.depth
+        if ring[slot] is None or ring[slot][0].shape != row.shape:
+            ring[slot] = (torch.from_numpy(np.empty(row.shape, row.dtype)).pin_memory(),
+                          torch.cuda.Event())
+        buf, done = ring[slot]
+        done.synchronize()  # the copy from this buffer `depth` steps ago
+        buf.numpy()[...] = row
+        out = buf.to(self.device, non_blocking=True)
+        done.record()
+        return out
+
+    def next_step(self) -> None:
+        self._turn += 1
+
+
+class CachedTeacher(nn.Module):
+    """Answers ``batch_output(x, epoch, step)`` from a cache, like ``FrozenTeacher`` does by running the model.
+
+    ``check()`` (called at log points: one host read) stops the run at the first batch whose input or labels
+    do not match the cached fingerprint."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict, rank: int, device: torch.device):
+        super().__init__()
+        self.root, self.manifest, self.rank, self.device = Path(root), manifest, rank, device
+        self.num_classes = int(manifest["stream"]["num_classes"])
+        self._epoch, self._arrays = None, None
+        self._staging = _Staging(device)
+        self._bad = torch.full((2,), -1, dtype=torch.int64, device=device)  # first mismatching (epoch, step)
+
+    def train(self, mode: bool = True) -> CachedTeacher:
+        return self
+
+    def describe(self) -> str:
+        storage, teacher = self.manifest["storage"], self.manifest.get("teacher", {})
+        kind = "full logits" if storage["topk"] == 0 else f"top-{storage['topk']}"
+        return f"{kind} {storage['dtype']} of {teacher.get('name')}"
+
+    def _open(self, epoch: int) -> dict[str, np.ndarray]:
+        folder = epoch_dir(self.root, epoch, self.rank)
+        if not folder.is_dir():
+            raise UserError(f"--teacher-cache {self.root} lacks epoch {epoch} for rank {self.rank} ({folder.name})")
+        return {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}
+
+    def batch_output(self, x: torch.Tensor, target: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The cached logits of batch ``step`` of ``epoch``; x and target are checked against the batch's
+        fingerprint on the device (no host sync)."""
+        if epoch != self._epoch:
+            self._arrays, self._epoch = self._open(epoch), epoch
+        if step >= len(self._arrays["fingerprint"]):
+            raise UserError(f"--teacher-cache {self.root} holds {len(self._arrays['fingerprint'])} steps per epoch; "
+                            f"this run asked for step {step}")
+        rows = {name: self._staging.to_device(name, arr[step]) for name, arr in self._arrays.items()}
+        self._staging.next_step()
+        diff = (input_fingerprint(x, target) - rows.pop("fingerprint")).abs().amax()
+        first = (self._bad[0] < 0) & (diff > FINGERPRINT_TOL)
+        here = torch.tensor([epoch, step], dtype=torch.int64, device=self.device)
+        self._bad.copy_(torch.where(first, here, self._bad))
+        return decode(rows, self.num_classes)
+
+    def val_predictions(self, samples: list, root, batch_size: int) -> list[torch.Tensor] | None:
+        """The teacher's top-1 class on each val batch (for the agreement metric), when the cache holds them for
+        these val files; batches of ``batch_size`` in the eval loader's fixed order."""
+        val = self.manifest.get("val")
+        if not val or val.get("files") != samples_digest(samples, root) or not (self.root / VAL_TOP1).is_file():
+            return None
+        preds = torch.from_numpy(np.load(self.root / VAL_TOP1)).to(self.device)
+        return list(torch.split(preds, batch_size))
+
+    def check(self) -> None:
+        epoch, step = self._bad.tolist()
+        if epoch >= 0:
+            raise UserError(f"--teacher-cache {self.root}: the batch at epoch {epoch} step {step} is not the one the "
+                            "cache was written for (the training images or their augmentation changed); "
+                            "rebuild the cache with `vanillakd cache-teacher`")
+
+
+def open_cache(root: str | os.PathLike, stream: dict, teacher: dict, num_epochs: int, rank: int,
+               device: torch.device, explicit_weights: bool) -> CachedTeacher:
+    """The cache at ``root`` for this run, refused with one line naming what differs."""
+    manifest = read_manifest(root)
+    diff = describe_difference(manifest["stream"], stream)
+    cached_t = manifest.get("teacher", {})
+    if cached_t.get("name") != teacher["name"]:
+        diff.append(f"teacher: cache {cached_t.get('name')}, run {teacher['name']}")
+    if explicit_weights and cached_t.get("weights_sha256") != teacher["weights_sha256"]:
+        diff.append("teacher weights: --teacher-pretrained is not the file the cache was written with")
+    diff += [f"teacher {k}: cache {cached_t.get(k)}, run {teacher[k]}" for k in ("resize", "norm")
+             if cached_t.get(k) != teacher[k]]
+    if diff:
+        raise UserError(f"--teacher-cache {root} was written for another training stream: {'; '.join(diff)}")
+    done = set(manifest.get("epochs_done", []))
+    missing = [e for e in range(num_epochs) if e not in done]
+    if missing:
+        raise UserError(f"--teacher-cache {root} holds {len(done)} finished epoch(s) but this run trains "
+                        f"{num_epochs} (epoch {missing[0]} missing); finish it by re-running the same "
+                        "`vanillakd cache-teacher` command with enough --epochs")
+    return CachedTeacher(root, manifest, rank, device)
+
+
+def disk_bytes(images: int, epochs: int, storage: Storage) -> int:
+    """Bytes a cache of ``epochs`` epochs over ``images`` training images takes (the few bytes of a partial last
+    batch excepted)."""
+    return images * epochs * storage.bytes_per_sample()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def topk_bound(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample bound on ``||p' - p||_1`` at T = 1 for top-k float16 storage (see the module docstring)."""
+    z = logits.double()
+    lse = torch.logsumexp(z, 1)
+    top = (z - lse[:, None]).topk(k, dim=1).values
+    tail = (1 - top.exp().sum(1)).clamp_min(0) if z.shape[1] - k > 1 else torch.zeros_like(lse)
+    fp16 = (top.exp() * torch.expm1(top.abs() * 2.0 ** -11)).sum(1)
+    return (2 * tail + 2 * fp16 + 2.0 ** -21 * (lse.abs() + 1)).to(logits.dtype)
