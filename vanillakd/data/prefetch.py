@@ -55,11 +55,15 @@ class ExtrasPrefetchLoader(PrefetchLoader):
             stream_context = suppress
         pending = None
         for batch in self.loader:
-            if self.is_cuda:
-                # the consumer may have freed blocks the copies below reuse: wait for its queued work
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with stream_context():
                 ready = self._to_device(batch)
+            if self.is_cuda:
+                # the batch is made on the side stream and used on the consumer's: recording that use keeps the
+                # allocator from handing its memory to a later batch before the consumer's kernels are done, so
+                # the side stream need not wait for the consumer and its work overlaps the training step
+                consumer = torch.cuda.current_stream(self.device)
+                for t in _tensors(ready):
+                    t.record_stream(consumer)
             if pending is not None:
                 yield pending
             if self.is_cuda:
@@ -70,3 +74,11 @@ class ExtrasPrefetchLoader(PrefetchLoader):
 
     def __len__(self):
         return len(self.loader)
+
+
+def _tensors(batch):
+    for item in batch:
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, dict):
+            yield from (v for v in item.values() if isinstance(v, torch.Tensor))
