@@ -332,7 +332,8 @@ def test_cache_teacher_refusals(full_cache, tmp_path, capsys):
                                                                                 "--cache-topk", "0"])
     assert "holds a cache of another stream or teacher" in line and "seed: cache 3, run 4" in line, line
     assert (cache / "manifest.json").read_bytes() == before
-    assert sorted(p.name for p in cache.iterdir()) == ["epoch0000-rank0", "epoch0001-rank0", "manifest.json", "val_top1.npy"]
+    assert sorted(p.name for p in cache.iterdir()) == ["epoch0000-rank0", "epoch0001-rank0", "manifest.json",
+                                                      "val_top1.npy"]
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -382,7 +383,8 @@ def test_cache_continues_and_replaces_a_partial_epoch(tiny_data, teacher_ckpt, t
     manifest = write_cache(argv, cache, topk=2)
     assert manifest["epochs_done"] == [0, 1] and set(manifest["error"]) == {"0", "1"}
     assert _files(cache / "epoch0000-rank0") == epoch0
-    assert sorted(p.name for p in cache.iterdir()) == ["epoch0000-rank0", "epoch0001-rank0", "manifest.json", "val_top1.npy"]
+    assert sorted(p.name for p in cache.iterdir()) == ["epoch0000-rank0", "epoch0001-rank0", "manifest.json",
+                                                      "val_top1.npy"]
     assert set(_files(cache / "epoch0001-rank0")) == set(epoch0)
     # the sizes the manifest and disk_bytes announce are the payloads on disk
     storage = tc.Storage(topk=2, dtype="float16", num_classes=3, batch_size=4, steps=6)

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--data", action="store_true", help="measure the input pipelines instead (flags under --data mode below)")
+    p.add_argument("--data", action="store_true",
+                   help="measure the input pipelines instead (flags under --data mode below)")
     from .data.bench_data import add_data_bench_args
     add_data_bench_args(p)
     return p
