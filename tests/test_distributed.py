@@ -124,3 +124,27 @@ def test_killed_rank_ends_the_job(tiny_data, teacher, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_teacher_cache_under_torchrun(tiny_data, teacher, tmp_path, capsys):
+    """cache-teacher under torchrun writes each rank's share; DDP training from it equals live DDP training; a
+    single-process run refuses the two-process cache."""
+    flags = common(tiny_data, teacher, tmp_path, "x", "--model", "test_resnet", "--mixup", "0.8", "--cutmix", "1.0",
+                   "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--seed", "7")
+    flags = [str(a) for a in flags if str(a) not in ("--experiment", "x")]
+    cache = tmp_path / "cache"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "vanillakd", "cache-teacher", *flags, "--cache-dir", str(cache), "--cache-topk", "0"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [
+        "epoch0000-rank0", "epoch0000-rank1", "epoch0001-rank0", "epoch0001-rank1"]
+    for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):
+        r = launch("train-kd.py", *flags, "--experiment", name, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    live = torch.load(tmp_path / "live" / "last.pth.tar", weights_only=True)["state_dict"]
+    cached = torch.load(tmp_path / "cached" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.allclose(live[k].float(), cached[k].float(), atol=1e-5) for k in live)
+    assert run_cli(train_kd.cli, [*flags, "--experiment", "single", "--teacher-cache", str(cache)]) == 2
+    assert "world_size: cache 2, run 1" in capsys.readouterr().err

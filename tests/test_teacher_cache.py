@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import re
 import shutil
@@ -334,6 +335,16 @@ def test_cache_teacher_refusals(full_cache, tmp_path, capsys):
     assert (cache / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in cache.iterdir()) == ["epoch0000-rank0", "epoch0001-rank0", "manifest.json",
                                                       "val_top1.npy"]
+    # a second writer of the same cache (e.g. the command started twice) is refused while the first holds it
+    import fcntl
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = refusal(capsys, cache_teacher.main, argv + ["--cache-dir", cache, "--cache-topk", "0"])
+        assert "another `vanillakd cache-teacher` is writing this cache" in line, line
+    finally:
+        os.close(fd)
+    assert (cache / "manifest.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------- fingerprints

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import torch
@@ -78,6 +79,7 @@ def write_cache(args: argparse.Namespace) -> dict:
     }
     root = args.cache_dir
     manifest = _continue(root, manifest)
+    lock = _lock(root) if info.primary else None  # held until the process ends
     if info.primary and not info.distributed and "val" not in manifest:
         _cache_val_predictions(root, manifest, teacher, val_split, data_config, args, device, precision)
     todo = [e for e in range(num_epochs) if e not in manifest["epochs_done"]]
@@ -121,7 +123,21 @@ def write_cache(args: argparse.Namespace) -> dict:
                     f"{manifest['error'][str(epoch)]['l1_T1']['mean']:.2e} max "
                     f"{manifest['error'][str(epoch)]['l1_T1']['max']:.2e}" if info.primary and errors[1.0] else ""))
     teardown(info)
+    if lock is not None:
+        os.close(lock)
     return manifest
+
+
+def _lock(root) -> int:
+    """An exclusive lock on the cache folder: two writers of one cache would interleave its manifest."""
+    import fcntl
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--cache-dir {root}: another `vanillakd cache-teacher` is writing this cache") from None
+    return fd
 
 
 def _cache_val_predictions(root, manifest: dict, teacher, val_split, data_config: dict, args, device,
