@@ -108,7 +108,8 @@ def data_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
     device, precision = bench_device(a)
     root = Path(a.data_dir) if a.data_dir else write_jpegs(tmp / "jpegs", a.num_images)
     dataset = create_dataset("", root=str(root), is_training=True)
-    num_classes = len({t for _, t in dataset.reader.samples})
+    # with the KD step, the models keep --num-classes (the same compiled graphs as the step bench)
+    num_classes = max(len({t for _, t in dataset.reader.samples}), a.num_classes if a.with_kd else 0)
     kd_step = None
     if a.with_kd:
         a.img_size, a.batch_size, a.num_classes = a.data_img_size, a.data_batch_size, num_classes
