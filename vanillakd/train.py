@@ -287,6 +287,9 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                              info.rank, device, explicit_weights=bool(args.teacher_pretrained))
         log.info(f"teacher outputs from the cache {args.teacher_cache} ({teacher.describe()}); the teacher does "
                  "not run")
+        cached_precision = teacher.manifest.get("teacher", {}).get("precision")
+        if cached_precision and cached_precision != str(precision):
+            log.info(f"note: the cache's teacher ran in {cached_precision}, this run's students in {precision}")
     start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
     if info.primary:
         for st in students:
