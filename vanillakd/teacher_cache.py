@@ -96,10 +96,9 @@ def teacher_description(args) -> dict[str, Any]:
 
 
 def _plain(v):
+    """Tuples as lists, as JSON reads them back (numbers are compared as numbers, so 1 == 1.0)."""
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    if isinstance(v, float) and v.is_integer():
-        return v  # json keeps 1.0 as 1.0; compared as numbers below
     return v
 
 
@@ -298,7 +297,7 @@ class _Staging:
 
 
 class CachedTeacher(nn.Module):
-    """Answers ``batch_output(x, epoch, step)`` from a cache, like ``FrozenTeacher`` does by running the model.
+    """Answers ``batch_output(x, target, epoch, step)`` from a cache, as ``FrozenTeacher`` does by running the model.
 
     ``check()`` (called at log points: one host read) stops the run at the first batch whose input or labels
     do not match the cached fingerprint."""
