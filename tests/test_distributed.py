@@ -134,10 +134,16 @@ def test_teacher_cache_under_torchrun(tiny_data, teacher, tmp_path, capsys):
     flags = [str(a) for a in flags if str(a) not in ("--experiment", "x")]
     cache = tmp_path / "cache"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                        "vanillakd", "cache-teacher", *flags, "--cache-dir", str(cache), "--cache-topk", "0"],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    def cache_teacher(*argv):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "vanillakd", "cache-teacher", *argv, "--cache-dir", str(cache), "--cache-topk",
+                               "0"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = cache_teacher(*flags)
     assert r.returncode == 0, r.stderr[-3000:]
+    # rank 0 checks the folder and every rank stops with its refusal (none waits for the others)
+    r = cache_teacher(*[a if a != "7" else "8" for a in flags])
+    assert r.returncode != 0 and r.stderr.count("seed: cache 7, run 8") == 2, r.stderr[-3000:]
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [
         "epoch0000-rank0", "epoch0000-rank1", "epoch0001-rank0", "epoch0001-rank1"]
     for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,8 @@ from .outputs import setup_console_logging
 from .student import NO_KD, build_scheduler, student_settings
 from .teacher_cache import (FORMAT_VERSION, EpochWriter, Storage, describe_difference, disk_bytes, epoch_dir,
                             human_bytes, input_fingerprint, read_manifest, reconstruction_l1, samples_digest,
-                            save_val_predictions, stream_description, teacher_description, write_manifest)
+                            save_val_predictions, stream_description, teacher_description, teacher_difference,
+                            write_manifest)
 from .train import _build_teacher, _check_args, _data_config, load_training_data, setup_speed
 
 log = logging.getLogger("vanillakd")
@@ -78,8 +80,7 @@ def write_cache(args: argparse.Namespace) -> dict:
         "epochs_done": [], "error": {},
     }
     root = args.cache_dir
-    manifest = _continue(root, manifest)
-    lock = _lock(root) if info.primary else None  # held until the process ends
+    manifest, lock = _shared_manifest(root, manifest, info)
     if info.primary and not info.distributed and "val" not in manifest:
         _cache_val_predictions(root, manifest, teacher, val_split, data_config, args, device, precision)
     todo = [e for e in range(num_epochs) if e not in manifest["epochs_done"]]
@@ -102,9 +103,9 @@ def write_cache(args: argparse.Namespace) -> dict:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast():
                 logits = teacher.batch_output(x, target, epoch, step)
-            writer.add(step, logits, input_fingerprint(x, target))
+            stored = writer.add(step, logits, input_fingerprint(x, target))
             if not storage.full:
-                for t, e in reconstruction_l1(logits, storage, tuple(temps)).items():
+                for t, e in reconstruction_l1(logits, stored, num_classes, tuple(temps)).items():
                     errors[t].append(e)
             bar.update()
         bar.close()
@@ -126,6 +127,26 @@ def write_cache(args: argparse.Namespace) -> dict:
     if lock is not None:
         os.close(lock)
     return manifest
+
+
+def _shared_manifest(root, manifest: dict, info) -> tuple[dict, int | None]:
+    """The manifest to continue from, and rank 0's lock on the folder. Rank 0 alone creates or checks the
+    folder (ranks doing it together would see each other's files) and hands the outcome, or its refusal, to
+    the others."""
+    outcome, lock = None, None
+    if info.primary:
+        try:
+            outcome = _continue(root, manifest, info.world_size)
+            lock = _lock(root)
+        except UserError as e:
+            outcome = e
+    if info.distributed:
+        shared = [outcome]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    if isinstance(outcome, UserError):
+        raise UserError(str(outcome))
+    return outcome, lock
 
 
 def _lock(root) -> int:
@@ -154,9 +175,8 @@ def _cache_val_predictions(root, manifest: dict, teacher, val_split, data_config
     log.info(f"teacher: top1 {metrics['top1']:.2f} on the val set (its predictions are cached for agreement)")
 
 
-def _continue(root, manifest: dict) -> dict:
+def _continue(root, manifest: dict, world_size: int) -> dict:
     """A new cache folder, or the manifest of the same cache to continue (anything else is refused)."""
-    from pathlib import Path
     folder = Path(root)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--cache-dir {root} is a file")
@@ -170,11 +190,11 @@ def _continue(root, manifest: dict) -> dict:
     diff = describe_difference(old["stream"], manifest["stream"])
     diff += [f"{k}: cache {old['storage'].get(k)}, run {manifest['storage'][k]}" for k in ("topk", "dtype")
              if old["storage"].get(k) != manifest["storage"][k]]
-    diff += [f"teacher {k}: cache {old['teacher'].get(k)}, run {manifest['teacher'][k]}"
-             for k in ("name", "weights_sha256", "resize", "norm") if old["teacher"].get(k) != manifest["teacher"][k]]
+    diff += teacher_difference(old["teacher"], manifest["teacher"])
     if diff:
         raise UserError(f"--cache-dir {root} holds a cache of another stream or teacher ({'; '.join(diff)}); "
                         "choose a new folder")
-    done = [e for e in old.get("epochs_done", []) if epoch_dir(folder, e, 0).is_dir()]
+    done = [e for e in old.get("epochs_done", [])
+            if all(epoch_dir(folder, e, rank).is_dir() for rank in range(world_size))]
     log.info(f"continuing the cache in {root}: {len(done)} epoch(s) already done")
     return {**old, "epochs_done": done}

@@ -95,6 +95,19 @@ def teacher_description(args) -> dict[str, Any]:
             "resize": args.teacher_resize, "norm": args.teacher_norm}
 
 
+def teacher_difference(cached: dict, run: dict, compare_weights: bool = True) -> list[str]:
+    """'teacher ...: cache X, run Y' for each way the run's teacher differs from the cache's; the weights file
+    only when ``compare_weights`` (a training run need not name the file the cache was made with)."""
+    diff = []
+    if cached.get("name") != run["name"]:
+        diff.append(f"teacher: cache {cached.get('name')}, run {run['name']}")
+    if compare_weights and cached.get("weights_sha256") != run["weights_sha256"]:
+        diff.append("teacher weights: --teacher-pretrained is not the file the cache was written with")
+    diff += [f"teacher {k}: cache {cached.get(k)}, run {run[k]}" for k in ("resize", "norm")
+             if cached.get(k) != run[k]]
+    return diff
+
+
 def _plain(v):
     """Tuples as lists, as JSON reads them back (numbers are compared as numbers, so 1 == 1.0)."""
     if isinstance(v, (list, tuple)):
@@ -218,12 +231,12 @@ def decode(arrays: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
     return z.scatter_(1, arrays["indices"].long(), logp + lse)
 
 
-def reconstruction_l1(logits: torch.Tensor, storage: Storage,
+def reconstruction_l1(logits: torch.Tensor, encoded: dict[str, np.ndarray], num_classes: int,
                       temperatures: tuple[float, ...]) -> dict[float, torch.Tensor]:
-    """Per-sample ``||softmax(z'/T) - softmax(z/T)||_1`` of the cache's reconstruction z' at each T."""
+    """Per-sample ``||softmax(z'/T) - softmax(z/T)||_1`` at each T, z' decoded from ``encoded`` (what
+    ``encode(logits, ...)`` stored for these logits)."""
     z = logits.detach().float()
-    enc = {k: torch.from_numpy(v).to(z.device) for k, v in encode(z, storage).items()}
-    z2 = decode(enc, storage.num_classes)
+    z2 = decode({k: torch.from_numpy(v).to(z.device) for k, v in encoded.items()}, num_classes)
     return {t: (torch.softmax(z2 / t, 1) - torch.softmax(z / t, 1)).abs().sum(1) for t in temperatures}
 
 
@@ -242,11 +255,14 @@ class EpochWriter:
         self.storage = storage
         self.written = np.zeros(storage.steps, dtype=bool)
 
-    def add(self, step: int, logits: torch.Tensor, fingerprint: torch.Tensor) -> None:
-        for name, value in encode(logits, self.storage).items():
+    def add(self, step: int, logits: torch.Tensor, fingerprint: torch.Tensor) -> dict[str, np.ndarray]:
+        """Store batch ``step``; return what was stored for it (the caller may measure its error)."""
+        encoded = encode(logits, self.storage)
+        for name, value in encoded.items():
             self.arrays[name][step] = value
         self.arrays["fingerprint"][step] = fingerprint.float().cpu().numpy()
         self.written[step] = True
+        return encoded
 
     def commit(self) -> None:
         if not self.written.all():
@@ -362,13 +378,7 @@ def open_cache(root: str | os.PathLike, stream: dict, teacher: dict, num_epochs:
     """The cache at ``root`` for this run, refused with one line naming what differs."""
     manifest = read_manifest(root)
     diff = describe_difference(manifest["stream"], stream)
-    cached_t = manifest.get("teacher", {})
-    if cached_t.get("name") != teacher["name"]:
-        diff.append(f"teacher: cache {cached_t.get('name')}, run {teacher['name']}")
-    if explicit_weights and cached_t.get("weights_sha256") != teacher["weights_sha256"]:
-        diff.append("teacher weights: --teacher-pretrained is not the file the cache was written with")
-    diff += [f"teacher {k}: cache {cached_t.get(k)}, run {teacher[k]}" for k in ("resize", "norm")
-             if cached_t.get(k) != teacher[k]]
+    diff += teacher_difference(manifest.get("teacher", {}), teacher, compare_weights=explicit_weights)
     if diff:
         raise UserError(f"--teacher-cache {root} was written for another training stream: {'; '.join(diff)}")
     done = set(manifest.get("epochs_done", []))
