@@ -16,8 +16,8 @@ and travel as uint8 pixels; a batch the device decoder rejects is decoded image 
 from __future__ import annotations
 
 import argparse
-import random
 import struct
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 from ..errors import UserError
 from . import device_augment as aug
 from .prefetch import ExtrasPrefetchLoader
-from .stream import BATCH_KEY, mix_seed
+from .stream import BATCH_KEY, mix_seed, seeded
 
 # SOF markers (baseline, extended, progressive; Huffman coded) a JPEG decoder on the device handles
 _DEVICE_SOF = {0xC0, 0xC1, 0xC2}
@@ -102,7 +102,7 @@ class DeviceStreamDataset(torch.utils.data.Dataset):
     ``payload`` is ``('jpeg', bytes tensor)`` for files the device decodes, else ``('pixels', uint8 CHW)``."""
 
     def __init__(self, dataset, config: DeviceAugmentConfig, seed: int, rank: int = 0):
-        self.dataset, self.config, self.seed, self.rank = dataset, config, seed, rank
+        self.config, self.seed, self.rank = config, seed, rank
         self.samples = dataset.reader.samples
 
     def __len__(self) -> int:
@@ -183,20 +183,19 @@ def device_collate(batch: list) -> tuple:
 
 def decode_batch(payloads: list, device: torch.device) -> list[torch.Tensor]:
     """uint8 CHW images on ``device``: JPEGs decoded in one batched call (nvjpeg on CUDA), pixels moved."""
-    import warnings
-
     from torchvision.io import ImageReadMode, decode_jpeg
-    # torchvision 0.29 flags its image decoders as deprecated in favour of TorchCodec; they remain the batched
-    # nvjpeg path we need, so the notice is silenced here rather than printed every run
-    warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
     out: list[torch.Tensor | None] = [None] * len(payloads)
     jpeg_idx = [i for i, (kind, _) in enumerate(payloads) if kind == "jpeg"]
     if jpeg_idx:
         data = [payloads[i][1] for i in jpeg_idx]
-        try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # e.g. a JPEG variant the device decoder rejects: the CPU decodes this batch
-            decoded = [decode_jpeg(d.cpu(), mode=ImageReadMode.RGB).to(device) for d in data]
+        # torchvision 0.29 flags its image decoders as deprecated in favour of TorchCodec; they remain the
+        # batched nvjpeg path we need, so the notice is silenced for these calls only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # e.g. a JPEG variant the device decoder rejects: the CPU decodes this batch
+                decoded = [decode_jpeg(d.cpu(), mode=ImageReadMode.RGB).to(device) for d in data]
         for i, img in zip(jpeg_idx, decoded):
             out[i] = img
     for i, (kind, value) in enumerate(payloads):
@@ -240,12 +239,5 @@ class DeviceAugmentLoader(ExtrasPrefetchLoader):
         epoch, position = (int(v) for v in key)
         if self.mixup_off_epoch:
             self.mixup.mixup_enabled = epoch < self.mixup_off_epoch
-        np_state, py_state = np.random.get_state(), random.getstate()
-        seed = mix_seed(self.seed, self.rank, epoch, position, 1)
-        np.random.seed(seed % (1 << 32))
-        random.seed(seed)
-        try:
+        with seeded(mix_seed(self.seed, self.rank, epoch, position, 1), self.device):
             return self.mixup(x, y)
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)

@@ -3,14 +3,13 @@ batch element: a dict of per-sample extras (dataset index, contrast indices, ...
 them. Batches without extras come out as ``(input, target)`` exactly as timm's do."""
 from __future__ import annotations
 
-import random
 from contextlib import suppress
 from functools import partial
 
 import torch
 from timm.data.loader import PrefetchLoader
 
-from .stream import BATCH_KEY, mix_seed
+from .stream import BATCH_KEY, mix_seed, seeded
 
 
 class ExtrasPrefetchLoader(PrefetchLoader):
@@ -36,15 +35,8 @@ class ExtrasPrefetchLoader(PrefetchLoader):
         if key is None:
             return self.random_erasing(x)
         epoch, position = (int(v) for v in key)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[self.device] if self.is_cuda else []):
-            seed = mix_seed(self.seed, self.rank, epoch, position, 2)
-            random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.random_erasing(x)
-            finally:
-                random.setstate(py_state)
+        with seeded(mix_seed(self.seed, self.rank, epoch, position, 2), self.device):
+            return self.random_erasing(x)
 
     def __iter__(self):
         if self.is_cuda:

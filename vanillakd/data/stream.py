@@ -7,6 +7,7 @@ against the stream that produced it.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Callable, Iterator
 
@@ -34,6 +35,22 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Python, NumPy and torch RNGs (the CPU's and ``device``'s) seeded with ``seed`` inside, restored after:
+    for randomness drawn in the main process (random erasing, mixup on the device) that must replay from the
+    stream without disturbing the training run's own RNG streams."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            seed_all(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class StreamSampler(Sampler):
