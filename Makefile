@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup fashion-mnist demo test bench clean
+# the lowest timm pyproject.toml declares: `make test-floor` runs the whole suite against it (CI does both)
+TIMM_FLOOR := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+
+.PHONY: setup fashion-mnist demo test test-floor bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+$(FLOOR_VENV)/.installed: pyproject.toml
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --upgrade pip
+	$(FLOOR_PY) -m pip install -q -e '.[test]' 'timm==$(TIMM_FLOOR)'
+	touch $@
 
 # Debian's dataset-fashion-mnist package (MIT) holds the idx files; without root or apt, torchvision's
 # download is tried instead when the demo prepares the data
@@ -28,8 +39,12 @@ demo: setup fashion-mnist
 test: setup fashion-mnist
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+test-floor: $(FLOOR_VENV)/.installed fashion-mnist
+	@$(FLOOR_PY) -c "import timm; assert timm.__version__ == '$(TIMM_FLOOR)', timm.__version__"
+	HF_HUB_OFFLINE=1 $(FLOOR_PY) -m pytest -q tests
+
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m vanillakd bench --threads 1 --json benchmarks/results/bench_cpu.json
 
 clean:
-	rm -rf $(VENV) runs output
+	rm -rf $(VENV) $(FLOOR_VENV) runs output

@@ -8,7 +8,9 @@ import pytest
 import timm
 import torch
 
-from vanillakd.checkpoint import atomic_save, extract_state_dict, load_file, load_weights, plain
+from vanillakd.checkpoint import atomic_save, load_file, plain
+from vanillakd.weights import load_weights
+from vanillakd.weights import select_state as extract_state_dict
 from vanillakd.errors import UserError
 
 

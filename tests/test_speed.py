@@ -154,6 +154,18 @@ def test_compile_forward_routes_the_forward_through_the_compiler(monkeypatch):
     assert calls == [torch.Size([2, 3, 32, 32])]
 
 
+
+def test_compile_forward_runs_torch_compiles_own_wrapper(monkeypatch):
+    """The real OptimizedModule (its eager backend: no inductor, seconds on the CPU), whose truth value is not the
+    plain module's: len() on a wrapped ResNet raises."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
+    teacher = FrozenTeacher(timm.create_model("test_resnet", num_classes=3))
+    x = torch.randn(2, 3, 32, 32)
+    eager = teacher(x)
+    teacher.compile_forward()
+    torch.testing.assert_close(teacher(x), eager)
+
 # ---------------------------------------------------------------- --compile end to end
 
 

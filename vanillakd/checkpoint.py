@@ -5,10 +5,11 @@ files from elsewhere that need pickled code are refused with a one-line explanat
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,11 +17,6 @@ import torch
 from torch import nn
 
 from .errors import UserError
-
-# where trained weights sit inside a checkpoint dict, in order of preference
-_STATE_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema")
-_EMA_STATE_KEYS = ("state_dict_ema", "model_ema")
-
 
 def atomic_write(path: str | os.PathLike, write_fn) -> None:
     """Write through ``write_fn(file)`` into a temp file beside ``path``, fsync, then rename over it.
@@ -76,7 +72,10 @@ def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"checkpoint {path} is not a valid safetensors file: {e}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        # timm-style training checkpoints (the seed's among them) store their flags as an argparse.Namespace:
+        # a plain attribute bag, safe to rebuild, so it is the one class allowed beyond tensors and containers
+        with _allow_namespace():
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"checkpoint {path} contains pickled Python objects that could run code; refusing to "
@@ -88,74 +87,39 @@ def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
 
 
-def extract_state_dict(ckpt: Any, use_ema: bool = False,
-                       path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
-    """The model weights in a raw state_dict or a dict holding one (``state_dict``, ``model``, ...).
-
-    ``module.`` prefixes left by DDP / DataParallel are stripped.
-    """
-    if not isinstance(ckpt, Mapping):
-        raise UserError(f"{path} does not hold a state_dict (found {type(ckpt).__name__})")
-    state = None
-    keys = (_EMA_STATE_KEYS + _STATE_KEYS) if use_ema else _STATE_KEYS
-    for key in keys:
-        if isinstance(ckpt.get(key), Mapping):
-            state = ckpt[key]
-            break
-    if state is None:
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            state = ckpt
-        else:
-            raise UserError(f"{path} holds no model weights (looked for a raw state_dict or the keys "
-                            f"{', '.join(_STATE_KEYS)})")
-    out = OrderedDict()
-    for k, v in state.items():
-        out[k[7:] if k.startswith("module.") else k] = v
-    return out
+def _allow_namespace():
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch 2.4: only the process-wide list exists
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        return contextlib.nullcontext()
+    return safe_globals([argparse.Namespace])
 
 
-def _classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
-    """(classes in the file, classes in the model) when the classifier weights disagree."""
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
-    names = [classifier] if isinstance(classifier, str) else list(classifier)
-    model_state = model.state_dict()
-    for name in names:
-        key = f"{name}.weight"
-        if key in state and key in model_state and state[key].shape[0] != model_state[key].shape[0]:
-            return state[key].shape[0], model_state[key].shape[0]
-    return None
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, what: str = "model", use_ema: bool = False,
-                 trust: bool = False) -> None:
-    """Load a checkpoint into ``model`` strictly, explaining any mismatch in one line."""
-    state = extract_state_dict(load_file(path, trust=trust), use_ema=use_ema, path=path)
-    classes = _classifier_classes(model, state)
-    if classes is not None:
-        raise UserError(f"{what} checkpoint {path} has a {classes[0]}-class head but the {what} is built with "
-                        f"{classes[1]} classes (--num-classes / the dataset)")
-    load_state_strict(model, state, path, what)
+def mismatch_message(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Missing / unexpected / mis-shaped keys of ``state`` against ``module``, in one line (None if it fits)."""
+    model_state = module.state_dict()
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
+                     f"model {tuple(model_state[k].shape)})")
+    return "; ".join(parts) or None
 
 
 def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                       what: str = "model") -> None:
     """``module.load_state_dict(state)``, with missing / unexpected / mis-shaped keys named in one line."""
-    arch = getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__)
-    model_state = module.state_dict()
-    missing = [k for k in model_state if k not in state]
-    unexpected = [k for k in state if k not in model_state]
-    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
-                         f"model {tuple(model_state[k].shape)})")
-        raise UserError(f"{what} checkpoint {path} does not fit architecture {arch}: {'; '.join(parts)}")
+    problem = mismatch_message(module, state)
+    if problem:
+        arch = getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__)
+        raise UserError(f"{what} checkpoint {path} does not fit architecture {arch}: {problem}")
     module.load_state_dict(state, strict=True)
 
 

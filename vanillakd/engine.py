@@ -144,3 +144,10 @@ def should_evaluate(epoch: int, num_epochs: int, interval: int, interval_end: fl
     """The seed's schedule (every ``interval`` epochs, then every epoch past ``interval_end`` of the run),
     plus always the last epoch so a run always ends with its final accuracy."""
     return epoch % interval == 0 or epoch > interval_end * num_epochs or epoch == num_epochs - 1
+
+
+def evaluated_with(ema: nn.Module, model: nn.Module) -> bool:
+    """Whether an EMA copy is evaluated with its student: only on the student's device, where the eval batches
+    are. A copy kept elsewhere (``--model-ema-force-cpu`` on an accelerator) is not, as in timm ("Disables EMA
+    validation"): moving each batch back to the CPU would make a real validation set cost more than the epoch."""
+    return next(ema.parameters()).device == next(model.parameters()).device

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 
-from .checkpoint import atomic_write, atomic_write_text, extract_state_dict, load_file, load_state_strict
+from .checkpoint import atomic_write, atomic_write_text, load_file
 from .errors import UserError
+from .weights import file_num_classes, fit_state, has_ema, select_state
 
 # what a user needs to build and feed the model; everything else in timm's cfg is informational
 _CFG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "classifier", "first_conv",
@@ -32,13 +32,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if not arch:
         raise UserError(f"{checkpoint} does not name its architecture; pass --model NAME")
     if not timm.is_model(arch):
-        raise UserError(f"unknown model {arch!r}: not a timm model")
-    if use_ema and not (isinstance(ckpt, dict) and ("state_dict_ema" in ckpt or "model_ema" in ckpt)):
+        hint = "" if model else "; pass --model NAME"  # timm 0.6.5's saver stores the class name, e.g. 'resnet'
+        raise UserError(f"unknown model {arch!r}: not a timm model{hint}")
+    if use_ema and not has_ema(ckpt):
         raise UserError(f"{checkpoint} holds no EMA weights (train with --model-ema)")
-    state = extract_state_dict(ckpt, use_ema=use_ema, path=checkpoint)
-    num_classes = _num_classes(arch, state)
+    state = select_state(ckpt, use_ema=use_ema, path=checkpoint)
+    num_classes = file_num_classes(arch, state)
+    if num_classes is None:
+        raise UserError(f"cannot find the classifier of {arch} in {checkpoint}")
     net = timm.create_model(arch, num_classes=num_classes)
-    load_state_strict(net, state, checkpoint, "model")
+    fit_state(net, state, checkpoint, "model")
     data_config = ckpt.get("data_config", {}) if isinstance(ckpt, dict) else {}
     cfg = {k: v for k, v in net.pretrained_cfg.items() if k in _CFG_KEYS and v is not None}
     cfg.update({k: v for k, v in data_config.items() if k in _CFG_KEYS and v is not None})
@@ -65,13 +68,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     atomic_write(out / "model.safetensors", lambda f: f.write(save_safetensors(tensors, metadata={"format": "pt"})))
     atomic_write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
     return out
-
-
-def _num_classes(arch: str, state: dict[str, torch.Tensor]) -> int:
-    cfg = timm.models.get_pretrained_cfg(arch)
-    classifier = (cfg.classifier if cfg is not None else None) or "fc"
-    names = [classifier] if isinstance(classifier, str) else list(classifier)
-    for name in names:
-        if f"{name}.weight" in state:
-            return int(state[f"{name}.weight"].shape[0])
-    raise UserError(f"cannot find the classifier ({', '.join(names)}) of {arch} in the checkpoint")

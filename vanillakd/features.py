@@ -9,7 +9,9 @@ What each family gives as stage maps:
 - plain ViTs (one resolution throughout): four blocks evenly spaced through the depth, tokens reshaped to
   NCHW with the prefix (class / register) tokens dropped.
 With ``preact=True`` a timm ResNet also gives each stage's pre-activation output (the residual sum before the
-block's last ReLU), which ReviewKD uses as the seed does; other families give their usual stage outputs.
+block's last ReLU), which ReviewKD takes under ``--review-preact``; other families give their usual stage
+outputs. The seed kept that sum too, but the block's in-place ReLU then overwrote it, so its ReviewKD read the
+post-ReLU stage output: the ordinary ``maps``, ReviewKD's default here.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_weights
+from .weights import load_weights
 from .errors import UserError
 
 
@@ -22,12 +22,15 @@ def check_model_name(name: str, role: str = "model") -> None:
 
 
 def create_student(name: str, num_classes: int, pretrained: bool = False, initial_checkpoint: str = "",
-                   trust: bool = False, **kwargs) -> nn.Module:
-    """A timm model; ``kwargs`` with value None keep timm's defaults (drop rates, pooling, BN settings)."""
+                   trust: bool = False, initial_ema: bool = True, **kwargs) -> nn.Module:
+    """A timm model; ``kwargs`` with value None keep timm's defaults (drop rates, pooling, BN settings).
+
+    ``initial_checkpoint`` is read like timm's ``load_checkpoint``: its EMA weights when it holds them and
+    ``initial_ema`` (the seed's behaviour; ``--no-ema-checkpoint`` turns it off)."""
     check_model_name(name, "model")
     model = _create(name, pretrained, num_classes=num_classes, **kwargs)
     if initial_checkpoint:
-        load_weights(model, initial_checkpoint, what="initial", trust=trust)
+        load_weights(model, initial_checkpoint, what="initial", use_ema=initial_ema, trust=trust)
     return model
 
 
@@ -94,8 +97,9 @@ class FrozenTeacher(nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(self.model, mode=mode))
 
     def run(self, x: torch.Tensor):
+        # not `compiled or self.model`: torch.compile's wrapper forwards len() to the module, which a ResNet lacks
         compiled = self.__dict__.get("_compiled")
-        return (compiled or self.model)(x)
+        return (self.model if compiled is None else compiled)(x)
 
 
 def _clone_tensors(out):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
@@ -83,6 +83,16 @@ def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespa
         raise UserError(f"--opt {s.opt}: {e or 'unknown optimizer'}") from None
 
 
+def _add_kd_param_groups(optimizer: torch.optim.Optimizer, kd_loss: torch.nn.Module, s: StudentSetting) -> None:
+    """The KD parts' own parameters (embeddings, ABFs) learn with the student, under its lr and schedule and
+    timm's weight-decay rule for the student's parameters: biases, norm weights and other 1-D parameters get
+    none. (The seed made them submodules of the student, so timm's optimizer factory grouped them so.)"""
+    skip = getattr(kd_loss, "no_weight_decay", lambda: set())()
+    for group in param_groups_weight_decay(kd_loss, weight_decay=s.weight_decay, no_weight_decay_list=skip):
+        if group["params"]:
+            optimizer.add_param_group({**group, "lr": s.lr})
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
     return create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -128,7 +138,8 @@ class StudentRun:
         torch.manual_seed(args.seed)
         self.model = create_student(
             s.model, num_classes, pretrained=args.pretrained, initial_checkpoint=args.initial_checkpoint,
-            trust=args.trust_checkpoint, drop_rate=s.drop, drop_path_rate=s.drop_path,
+            initial_ema=not args.no_ema_checkpoint, trust=args.trust_checkpoint,
+            drop_rate=s.drop, drop_path_rate=s.drop_path,
             drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps, in_chans=args.in_chans).to(device)
         if args.sync_bn:
@@ -137,7 +148,7 @@ class StudentRun:
             self.model.to(memory_format=torch.channels_last)
         forward_model, kd_loss = self.model, None
         if entry is not None and entry.needs == "features":
-            forward_model = FeatureModel(self.model, preact=getattr(entry.cls, "preact", False), name=s.model)
+            forward_model = FeatureModel(self.model, preact=entry.wants_preact(args), name=s.model)
             student_shapes = probe_shapes(forward_model, resized(input_size, args.student_resize), device)
             kd_loss = create_kd_loss_from_args(s.kd_loss, args, student_shapes, teacher_shapes, num_data)
         elif entry is not None:
@@ -158,11 +169,10 @@ class StudentRun:
         if dist_info.distributed:
             self.forward = _wrap_ddp(self.objective, device, broadcast_buffers=not args.no_ddp_bb)
         self.optimizer = _optimizer(self.model, s, args, device)
-        kd_params = [p for p in kd_loss.parameters() if p.requires_grad] if kd_loss is not None else []
-        if kd_params:
-            # embeddings / ABFs learn with the student, under its lr, schedule and weight decay
-            self.optimizer.add_param_group({"params": kd_params, "lr": s.lr, "weight_decay": s.weight_decay})
+        if kd_loss is not None:
+            _add_kd_param_groups(self.optimizer, kd_loss, s)
         self.scheduler, self.num_epochs = build_scheduler(self.optimizer, args, updates_per_epoch)
+        self.updates_per_epoch = updates_per_epoch
         self.scaler = precision.grad_scaler()
         self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
                      for d in s.ema_decays]
@@ -205,11 +215,12 @@ class StudentRun:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError) as e:
-                raise UserError(f"--resume {path}: its optimizer state does not fit this run ({e}); "
-                                "pass --no-resume-opt to start a fresh optimizer") from None
+                raise UserError(f"--resume {path}: its optimizer state does not fit this run "
+                                f"({self._group_mismatch(ckpt) or e}); pass --no-resume-opt to start a fresh "
+                                "optimizer") from None
             if self.scaler is not None and "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._load_scheduler(ckpt["scheduler"], path)
         self.num_updates = int(ckpt.get("num_updates", 0))
         best = ckpt.get("best", {})
         self.saver.best, self.saver.best_epoch = best.get("metric"), best.get("epoch")
@@ -221,11 +232,44 @@ class StudentRun:
             self._sums.copy_(sums.get("sums", torch.zeros(3)))
             self._steps = int(sums.get("steps", 0))
             self.summary.load(keep=lambda row: int(row["epoch"]) < epoch)
+            if not load_optimizer:  # a fresh optimizer holds the initial lr, not this epoch's
+                self._move_schedule(epoch)
             return epoch, int(step)
         # the checkpoint was written before the epoch-end schedule step: take that step now
         self.end_epoch(epoch, ckpt.get("metric"))
+        if not load_optimizer:
+            self._move_schedule(epoch + 1)
         self.summary.load(keep=lambda row: int(row["epoch"]) <= epoch)
         return epoch + 1, 0
+
+    def _group_mismatch(self, ckpt: dict[str, Any]) -> str:
+        """Why a saved optimizer state does not load, when it is the number of parameter groups (checkpoints
+        from before the KD parts' 1-D parameters were exempt from weight decay had one KD group)."""
+        groups = (ckpt.get("optimizer") or {}).get("param_groups")
+        ours = len(self.optimizer.param_groups)
+        return f"it has {len(groups)} parameter groups, this run {ours}" if groups and len(groups) != ours else ""
+
+    def _load_scheduler(self, state: dict[str, Any], path: str) -> None:
+        """The saved schedule, unless it was saved for another number of parameter groups: timm's schedulers
+        keep per-group lists and would silently leave the extra groups unscheduled, so keep the one built
+        from this run's flags."""
+        if len(state.get("base_values", self.scheduler.base_values)) == len(self.optimizer.param_groups):
+            self.scheduler.load_state_dict(state)
+        else:
+            self.log.warning(f"--resume {path}: its lr schedule was saved for "
+                             f"{len(state['base_values'])} parameter groups, this run has "
+                             f"{len(self.optimizer.param_groups)}; using the schedule from this run's flags")
+
+    def start_at(self, epoch: int) -> None:
+        """``--start-epoch N`` without ``--resume``: start the schedule and the update count (per-update
+        schedules, EMA warm-up) where epoch N starts, as timm's train.py does."""
+        self.num_updates = epoch * self.updates_per_epoch
+        self._move_schedule(epoch)
+
+    def _move_schedule(self, epoch: int) -> None:
+        # one of the two applies: per-epoch schedules ignore step_update, per-update ones ignore step
+        self.scheduler.step(epoch)
+        self.scheduler.step_update(num_updates=self.num_updates)
 
     def close(self) -> None:
         if self._log_file is not None:

@@ -22,7 +22,7 @@ from .data.folder import build_train_val, drop_bad_images, take_fraction
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
-from .engine import evaluate, should_evaluate, train_one_epoch
+from .engine import evaluate, evaluated_with, should_evaluate, train_one_epoch
 from .errors import UserError
 from .export import export_checkpoint
 from .external_log import ExternalLoggers
@@ -154,7 +154,7 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, data_
                              student_config=data_config if args.teacher_norm == "auto" else None)
     shapes = None
     if any(e.needs == "features" for e in entries):
-        preact = any(getattr(e.cls, "preact", False) for e in entries)
+        preact = any(e.wants_preact(args) for e in entries)
         teacher.model = FeatureModel(teacher.model, preact=preact, name=args.teacher)
         teacher.eval()  # the new wrapper starts in training mode; the teacher never is
         input_size = tuple(data_config["input_size"])
@@ -188,6 +188,8 @@ def _evaluate_and_save(st: StudentRun, epoch: int, args, row: dict, eval_loader,
         metric = em[args.eval_metric]
         st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
         for i, ema in enumerate(st.emas):
+            if not evaluated_with(ema.module, st.model):
+                continue  # --model-ema-force-cpu on an accelerator: said once when the run starts
             name = st.ema_name(i)
             emm = evaluate(ema.module, eval_loader, precision, args.channels_last)
             row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
@@ -280,6 +282,10 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                                    input_size=input_size, dist_info=info))
     for st in students:
         st.meta = {"data_config": plain(data_config), "classes": list(train_split.classes)}
+    if any(not evaluated_with(e.module, st.model) for st in students for e in st.emas):
+        log.info(f"--model-ema-force-cpu: the EMA is kept on the CPU and, as in timm, not evaluated on {device} (no "
+                 "EMA metrics, no model_best_ema); its weights are in every checkpoint: `vanillakd validate DATA "
+                 "--model ARCH --checkpoint RUN/last.pth.tar --use-ema` evaluates them")
     if cached:
         stream = stream_description(args, data_config, train_split.dataset.reader.samples, train_split.root,
                                     info.world_size, steps, num_classes)
@@ -291,6 +297,9 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
         if cached_precision and cached_precision != str(precision):
             log.info(f"note: the cache's teacher ran in {cached_precision}, this run's students in {precision}")
     start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
+    if not args.resume and start_epoch > 0:
+        for st in students:  # as timm's train.py: the schedule starts where epoch N does, not at its warm-up
+            st.start_at(start_epoch)
     if info.primary:
         for st in students:
             write_args(st.out_dir, {**vars(args), "train_images": len(train_split.dataset)})

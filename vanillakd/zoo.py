@@ -96,5 +96,5 @@ def verify(m: ZooModel, path: Path) -> None:
     """The file must be a complete checkpoint of the zoo model's architecture with a 1000-class head."""
     import timm
 
-    from .checkpoint import load_weights
+    from .weights import load_weights
     load_weights(timm.create_model(m.arch, num_classes=1000), path, what=f"zoo {m.name}")

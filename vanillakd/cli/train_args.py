@@ -59,7 +59,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--model", default=["resnet50"], nargs="+", help="student architecture(s), timm names")
     g.add_argument("--pretrained", action="store_true", help="start the student from timm's pretrained weights")
-    g.add_argument("--initial-checkpoint", default="", help="start the student from this checkpoint")
+    g.add_argument("--initial-checkpoint", default="",
+                   help="start the student from this checkpoint (its EMA weights when it has them, as the seed did)")
+    g.add_argument("--no-ema-checkpoint", action="store_true",
+                   help="with --initial-checkpoint: take the file's plain weights even when it holds EMA weights")
     g.add_argument("--num-classes", type=pos_int, default=None, help="defaults to the number of class folders")
     g.add_argument("--gp", default=None, help="global pool type override")
     g.add_argument("--img-size", type=pos_int, default=None)
@@ -106,6 +109,10 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
     g.add_argument("--rkd-angle-weight", type=float, default=50.0)
     g.add_argument("--review-warmup-epochs", type=pos_float, default=1.0,
                    help="ReviewKD's weight ramps up as min(epoch / this, 1)")
+    g.add_argument("--review-preact", action="store_true",
+                   help="ReviewKD on ResNets takes the pre-activation stage maps (residual sums before the "
+                        "last ReLU): the ReviewKD paper's intent, not the VanillaKD baseline, which took the "
+                        "post-ReLU stage outputs (the default)")
     g.add_argument("--nce-k", type=pos_int, default=16384, help="CRD: contrast samples per image")
     g.add_argument("--nce-t", type=pos_float, default=0.07, help="CRD: temperature")
     g.add_argument("--nce-mom", type=float, default=0.5, help="CRD: memory momentum")
@@ -155,7 +162,8 @@ def add_optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int, default=3)
     g.add_argument("--warmup-prefix", action="store_true")
     g.add_argument("--cooldown-epochs", type=int, default=0,
-                   help="extra epochs at --min-lr after the schedule (timm 0.6 and the seed used 10)")
+                   help="extra epochs at --min-lr after the schedule (0, as in the seed's scripts; only timm 0.6's own "
+                        "train.py defaulted to 10)")
     g.add_argument("--patience-epochs", type=int, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
@@ -190,7 +198,8 @@ def add_aug_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-momentum", type=float, default=None)
     g.add_argument("--bn-eps", type=float, default=None)
     g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the student")
-    g.add_argument("--model-ema-force-cpu", action="store_true")
+    g.add_argument("--model-ema-force-cpu", action="store_true",
+                   help="keep the EMA on the CPU; as in timm, it is then not evaluated on a GPU run")
     g.add_argument("--model-ema-decay", type=float, default=[0.9998], nargs="+")
 
 

@@ -55,12 +55,12 @@ def validate(args: argparse.Namespace) -> dict:
     import torch
     from timm.data import resolve_data_config
 
-    from ..checkpoint import load_weights
     from ..data.folder import build_eval_split
     from ..data.loader import build_eval_loader
     from ..engine import evaluate
     from ..models import create_student, create_teacher
     from ..precision import Precision, resolve_device
+    from ..weights import fit_state
 
     if args.zoo:
         from .. import zoo
@@ -69,13 +69,14 @@ def validate(args: argparse.Namespace) -> dict:
     if not args.checkpoint and not args.pretrained:
         raise UserError("give --checkpoint PATH (or --pretrained for timm's own weights)")
     split = build_eval_split(args.data_dir, args.split, args.class_map)
-    num_classes = args.num_classes or len(split.classes)
+    state = _checkpoint_state(args) if args.checkpoint else None
+    num_classes = _num_classes(args, state, len(split.classes))
     device = resolve_device(args.device)
     precision = Precision.create(device, args.amp, args.amp_dtype)
     model = create_student(args.model, num_classes, pretrained=args.pretrained and not args.checkpoint,
                            global_pool=args.gp, in_chans=args.in_chans)
-    if args.checkpoint:
-        load_weights(model, args.checkpoint, what="model", use_ema=args.use_ema, trust=args.trust_checkpoint)
+    if state is not None:
+        fit_state(model, state, args.checkpoint, what="model")
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -99,6 +100,34 @@ def validate(args: argparse.Namespace) -> dict:
         result["teacher"] = args.teacher
         result["agreement"] = round(metrics["agreement"], 4)
     return result
+
+
+def _checkpoint_state(args: argparse.Namespace) -> dict:
+    from ..checkpoint import load_file
+    from ..weights import has_ema, select_state
+    ckpt = load_file(args.checkpoint, trust=args.trust_checkpoint)
+    if args.use_ema and not has_ema(ckpt):
+        raise UserError(f"--use-ema: {args.checkpoint} holds no EMA weights (state_dict_ema / model_ema)")
+    return select_state(ckpt, use_ema=args.use_ema, path=args.checkpoint)
+
+
+def _num_classes(args: argparse.Namespace, state: dict | None, data_classes: int) -> int:
+    """``--num-classes``, else the checkpoint's head size (a 1000-class ImageNet model evaluates on a folder
+    of some of its classes, as timm's validate.py does), else the number of class folders."""
+    if args.num_classes:
+        return args.num_classes
+    if state is None:
+        return data_classes
+    from ..models import check_model_name
+    from ..weights import file_num_classes
+    check_model_name(args.model)
+    head = file_num_classes(args.model, state, in_chans=args.in_chans or 3)
+    if head is None:
+        return data_classes
+    if head < data_classes:
+        raise UserError(f"{args.checkpoint} has a {head}-class head but {args.data_dir} holds {data_classes} "
+                        "class folders; its labels cannot be scored by this model")
+    return head
 
 
 def write_results(result: dict, path: str, fmt: str | None = None) -> None:

@@ -22,6 +22,12 @@ class KDLossEntry:
     # what the loss needs from the models: 'logits' only, or 'features' too (train-fd / train-crd)
     needs: str = "logits"
 
+    def wants_preact(self, args: Any) -> bool:
+        """Whether this run's loss takes a ResNet's pre-activation stage maps: the loss class names the flag
+        (``preact_flag``), so the feature wrappers, built before the loss, know whether to hook them."""
+        flag = getattr(self.cls, "preact_flag", None)
+        return bool(flag) and bool(getattr(args, flag, False))
+
 
 _REGISTRY: dict[str, KDLossEntry] = {}
 

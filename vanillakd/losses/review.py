@@ -60,16 +60,25 @@ def _as_map(f: torch.Tensor) -> torch.Tensor:
     return f if f.ndim == 4 else f.reshape(f.shape[0], -1, 1, 1)
 
 
-@register_kd_loss("review", arg_map={"warmup_epochs": "review_warmup_epochs"}, needs="features")
+@register_kd_loss("review", arg_map={"warmup_epochs": "review_warmup_epochs", "preact": "review_preact"},
+                  needs="features")
 class ReviewKD(nn.Module):
     """``in_channels`` / ``out_channels``: student / teacher channels of each feature, shallow to deep, the
-    pooled feature last; ``out_shapes``: the teacher's (H, W) for each (the pooled one is (1, 1))."""
+    pooled feature last; ``out_shapes``: the teacher's (H, W) for each (the pooled one is (1, 1)).
 
-    preact = True  # ResNets feed their pre-activation stage outputs, as in the seed
+    ``preact``: take a ResNet's pre-activation stage maps (the residual sums before each stage's last ReLU,
+    the ReviewKD paper's intent) instead of the usual post-ReLU stage outputs. Off by default, as in the
+    VanillaKD baseline: it kept each residual sum as the map, but the block's in-place ReLU then overwrote that
+    tensor, so what ReviewKD got was post-ReLU.
+    """
+
+    preact_flag = "review_preact"  # the training flag that sets ``preact`` (read before the loss exists)
 
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int],
-                 out_shapes: Sequence[tuple[int, int]], mid_channel: int | None = None, warmup_epochs: float = 1.0):
+                 out_shapes: Sequence[tuple[int, int]], mid_channel: int | None = None, warmup_epochs: float = 1.0,
+                 preact: bool = False):
         super().__init__()
+        self.preact = preact
         if not (len(in_channels) == len(out_channels) == len(out_shapes)):
             raise ValueError("ReviewKD needs one channel count and teacher shape per feature")
         mid = mid_channel or min(512, in_channels[-1])
