@@ -123,3 +123,22 @@ def test_train_fraction_and_class_map(dataset, teacher, tmp_path, capsys):
     assert "data: 12 train / 9 val images, 3 classes" in capsys.readouterr().err  # 4 of 8 per class
     ckpt = torch.load(tmp_path / "f" / "last.pth.tar", weights_only=True)
     assert ckpt["classes"] == ["fox", "dog", "cat"]
+
+
+@pytest.mark.parametrize("dataset", ["torch/cifar10"], indirect=True)
+def test_compare_and_report_take_the_dataset_flags(dataset, teacher, tmp_path, capsys):
+    from vanillakd import compare
+    from vanillakd.cli import report
+    data, name, _ = dataset
+    out = tmp_path / "cmp"
+    assert compare.main([str(data), "--dataset", name, "--model", "test_resnet", "--methods", "none", "kd",
+                         "--teacher", "test_resnet", "--teacher-pretrained", str(teacher), "--seeds", "0",
+                         "--output", str(out), "--", "--epochs", "1", "-b", "4", "--img-size", "32", "--workers",
+                         "0", "--no-progress"]) == 0
+    result = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["dataset"] for r in result] == [name, name] and result[0]["train_images"] == "24"
+    assert report.main([str(out / "cells"), "--out", str(tmp_path / "r"), "--dataset", name]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "r" / "results.csv")))) == 2
+    from vanillakd.errors import UserError
+    with pytest.raises(UserError, match="none of the 2 runs was trained with"):
+        report.main([str(out / "cells"), "--out", str(tmp_path / "r2"), "--dataset", "folder"])
