@@ -37,13 +37,13 @@ def test_missing_optional_package(tmp_path, capsys, monkeypatch):
 
 
 def test_missing_files_and_splits(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("datasets")
     line = refusal(capsys, base(tmp_path, "--dataset", "torch/cifar10"))
     assert "torch/cifar10" in line and "not found" in line and "--dataset-download" in line
     md5s = write_cifar(tmp_path / "c", "cifar10")
     trust_cifar_files(monkeypatch, md5s)
     assert "split 'holdout' missing" in refusal(capsys, base(tmp_path / "c", "--dataset", "torch/cifar10",
                                                            "--val-split", "holdout"))
+    pytest.importorskip("datasets")
     write_hf_disk(tmp_path / "hf", val_name="test")  # 'validation' falls back to 'test'; other names do not
     line = refusal(capsys, base(tmp_path / "hf", "--dataset", "hfds/", "--val-split", "dev"))
     assert "split 'dev' missing" in line and "['test', 'train']" in line

@@ -23,21 +23,29 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Every kind's files, written once: {kind: (DIR, --dataset value, extra flags, cifar md5s)}."""
-    pytest.importorskip("datasets")
-    pytest.importorskip("webdataset")
     root = tmp_path_factory.mktemp("dsfiles")
     return {
-        "torch/cifar10": (root / "c10", "torch/cifar10", [], write_cifar(root / "c10", "cifar10")),
-        "torch/cifar100": (root / "c100", "torch/cifar100", [], write_cifar(root / "c100", "cifar100")),
-        "hfds": (write_hf_disk(root / "hf"), "hfds/", [], None),
+        "torch/cifar10": lambda: (root / "c10", "torch/cifar10", [], write_cifar(root / "c10", "cifar10")),
+        "torch/cifar100": lambda: (root / "c100", "torch/cifar100", [], write_cifar(root / "c100", "cifar100")),
+        "hfds": lambda: (write_hf_disk(root / "hf"), "hfds/", [], None),
         # two workers: two lanes per process, so a resume at an odd step exercises the lane rotation
-        "wds": (write_shards(root / "wds", shards=4, per_shard=6), "wds/tiny", ["--workers", "2"], None),
+        "wds": lambda: (write_shards(root / "wds", shards=4, per_shard=6), "wds/tiny", ["--workers", "2"], None),
     }
+
+
+_written: dict = {}
 
 
 @pytest.fixture
 def dataset(request, files, monkeypatch):
-    data, name, extra, md5s = files[request.param]
+    """One kind's files (written on first use); skipped when its optional package is missing."""
+    package = {"hfds": "datasets", "wds": "webdataset"}.get(request.param)
+    if package:
+        pytest.importorskip(package)
+    key = (id(files), request.param)
+    if key not in _written:
+        _written[key] = files[request.param]()
+    data, name, extra, md5s = _written[key]
     if md5s is not None:
         trust_cifar_files(monkeypatch, md5s, request.param.split("/")[1])
     return data, name, extra
