@@ -109,3 +109,44 @@ def test_torchrun_train_kd_over_shards_with_accumulation(shards, tmp_path):
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "replicas in sync" in log and "1 epochs of 4 steps" in log
     assert torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)["num_updates"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_over_shards(tmp_path):
+    """A real kill: the run over shards (two workers) is SIGKILLed in epoch 1 and continued with --resume auto."""
+    import signal
+    import time
+    data = write_shards(tmp_path / "big", shards=4, per_shard=24)
+    teacher = save_teacher(tmp_path / "t.pth", "test_resnet", num_classes=3)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+    def cmd(name, *extra, workers="2"):
+        return [sys.executable, str(REPO / "train-kd.py"), str(data), "--dataset", "wds/tiny", "--model",
+                "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", str(teacher), "--epochs", "2",
+                "-b", "4", "--img-size", "32", "--workers", workers, "--output", str(tmp_path), "--experiment", name,
+                "--no-progress", "--opt", "adamw", "--lr", "1e-3", "--seed", "2", "--aa", "rand-m7-mstd0.5",
+                "--mixup", "0.2", "--recovery-interval", "3", *extra]
+
+    full = subprocess.run(cmd("full"), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recovery, killed = tmp_path / "killed" / "recovery.pth.tar", False
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if recovery.is_file():
+            ckpt = torch.load(recovery, weights_only=True)
+            if ckpt["epoch"] == 1 and ckpt["step"] >= 3:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed, "the run ended before it could be killed in epoch 1"
+    other = subprocess.run(cmd("killed", "--resume", "auto", workers="1"), env=env, capture_output=True, text=True)
+    assert other.returncode == 2 and "continue with --workers 2" in other.stderr
+    resumed = subprocess.run(cmd("killed", "--resume", "auto"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "continuing at epoch 1, step" in resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
