@@ -150,3 +150,12 @@ def test_sigkill_mid_epoch_then_resume_auto_over_shards(tmp_path):
     a = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
     b = torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_shards_through_a_pipe_command(shards):
+    """``{}`` in DIR stands for each file name: streaming through a command (object storage: aws s3 cp ... -)."""
+    def first_epoch(root):
+        ds = dataset(root)
+        ds.configure(7, 3, 1, 1, 0)
+        return ids(ds._train_items(0))
+    assert first_epoch(f"pipe:cat {shards}/{{}}") == first_epoch(shards)

@@ -14,6 +14,7 @@ training fraction, class maps and CRD's labels work on every one of them the sam
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -180,42 +181,46 @@ def _hfds_split(name: str, root: str, split: str, class_map: str, mode: str) -> 
                         source=_digest(where, which, source, len(labels)))
 
 
+def shard_url(root: str, name: str) -> str:
+    """Where shard (or _info.json) ``name`` lives: ``root/name``, or ``root`` with ``{}`` replaced by the name
+    (for commands such as ``pipe:aws s3 cp s3://bucket/imagenet/{} -``)."""
+    return root.replace("{}", name) if "{}" in root else os.path.join(root, name)
+
+
 def _wds_split(name: str, root: str, split: str, class_map: str, mode: str, training: bool,
                num_classes: int | None) -> SplitDataset:
     try:
-        import webdataset  # noqa: F401
+        import webdataset as wds
     except ImportError:
         raise UserError("--dataset wds/... needs the webdataset package: pip install 'vanillakd[wds]' (or pip "
                         "install webdataset)") from None
     if class_map:
         raise UserError("--class-map is not supported with wds/ shards: their .cls labels are class indices already")
-    import json
-
-    import webdataset as wds
-    from timm.data.readers.reader_wds import ReaderWds
-    info_path = os.path.join(root, "_info.json")
+    info_path = shard_url(root, "_info.json")
     try:
         with wds.gopen(info_path) as f:
             info = json.load(f)
     except Exception as e:  # a file, a URL or a pipe: whatever gopen raises
         raise UserError(f"--dataset wds/{name}: cannot read {info_path} ({e.__class__.__name__}): shards need "
                         "timm's _info.json with each split's shard names and sizes") from None
-    available = sorted(info.get("splits", {}))
-    which = _split_name(split, training, info_path, available)
-    reader = ReaderWds(root, split=which, is_training=False)  # timm parses the split's shard list and sizes
-    lengths = list(reader.split_info.shard_lengths)
-    if len(lengths) != len(reader.split_info.filenames) or not sum(lengths):
-        raise UserError(f"{info_path}: split {which!r} lists no shard_lengths; they are needed to split shards "
-                        "exactly over ranks and workers")
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, dict):
+        raise UserError(f"{info_path} has no 'splits': not timm's _info.json")
+    which = _split_name(split, training, info_path, sorted(splits))
+    # timm's _info.json: per split, the shard file names and the number of samples in each
+    filenames, lengths = list(splits[which].get("filenames", [])), list(splits[which].get("shard_lengths", []))
+    if not filenames or len(lengths) != len(filenames) or not sum(lengths):
+        raise UserError(f"{info_path}: split {which!r} lists no filenames with shard_lengths; they are needed to "
+                        "split shards exactly over ranks and workers")
     n = num_classes or info.get("num_classes")
     if not n:
         raise UserError(f"{info_path} has no num_classes; pass --num-classes")
     classes = [str(c) for c in info.get("classes", range(int(n)))]
     from .shards import ShardDataset
-    urls = [os.path.join(root, f) for f in reader.split_info.filenames]
+    urls = [shard_url(root, f) for f in filenames]
     ds = ShardDataset(urls, lengths, len(classes), mode, training=training)
     return SplitDataset(ds, f"wds/{name} {root} [{which}]", classes, kind="wds",
-                        source=_digest(which, list(reader.split_info.filenames), lengths))
+                        source=_digest(which, filenames, lengths))
 
 
 def build_split_any(dataset: str, data_dir: str, split: str, training: bool, class_map: str = "",
@@ -241,7 +246,7 @@ def build_train_val_any(data_dir: str, dataset: str = "", train_split: str = "tr
     kind, _ = dataset_kind(dataset)
     if kind == "folder":
         return build_train_val(data_dir, train_split, val_split, class_map, num_classes)
-    if kind != "hfds" and not str(data_dir).startswith(("pipe:", "http:", "https:", "s3:", "gs:")) \
+    if kind != "hfds" and not str(data_dir).startswith(("pipe:", "http:", "https:", "s3:", "gs:", "file:")) \
             and not os.path.isdir(data_dir):
         raise UserError(f"data dir {data_dir} does not exist" + ("; pass --dataset-download to fetch the dataset "
                         "into it" if kind == "torch" and not download else ""))
