@@ -80,3 +80,21 @@ def test_crd_fraction_and_gpu_pipeline_refused_for_shards(tmp_path, capsys):
     assert "--train-fraction" in line and "streamed" in line
     line = refusal(capsys, base(tmp_path / "s", "--dataset", "wds/tiny", "--data-pipeline", "gpu"))
     assert "--data-pipeline cpu" in line
+
+
+def test_bad_sample_in_a_shard_read_by_a_worker(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    import tarfile
+    root = write_shards(tmp_path / "s", shards=2, per_shard=4)
+    shard = root / "tiny-train-000001.tar"
+    with tarfile.open(shard, "a") as tar:  # a fifth sample whose image is not an image
+        for name, data in (("bad.png", b"not a png"), ("bad.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    info = __import__("json").loads((root / "_info.json").read_text())
+    info["splits"]["train"]["shard_lengths"] = [4, 5]
+    (root / "_info.json").write_text(__import__("json").dumps(info))
+    line = refusal(capsys, base(root, "--dataset", "wds/tiny", "--workers", "1", "-b", "3", "--epochs", "2",
+                                "--output", tmp_path / "o"))
+    assert "tiny-train-000001.tar: sample 'bad'" in line and "bad image" in line and "Traceback" not in line

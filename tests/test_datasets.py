@@ -150,3 +150,12 @@ def test_compare_and_report_take_the_dataset_flags(dataset, teacher, tmp_path, c
     from vanillakd.errors import UserError
     with pytest.raises(UserError, match="none of the 2 runs was trained with"):
         report.main([str(out / "cells"), "--out", str(tmp_path / "r2"), "--dataset", "folder"])
+
+
+@pytest.mark.parametrize("dataset", ["wds"], indirect=True)
+def test_train_fd_over_shards(dataset, teacher, tmp_path):
+    from vanillakd.cli import train_fd
+    data, name, extra = dataset
+    assert run_cli(train_fd.cli, argv(data, name, teacher, tmp_path, "fd", *extra, "--kd-loss", "rkd",
+                                      "--epochs", "1")) == 0
+    assert torch.load(tmp_path / "fd" / "last.pth.tar", weights_only=True)["num_updates"] == 6
