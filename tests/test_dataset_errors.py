@@ -98,3 +98,14 @@ def test_bad_sample_in_a_shard_read_by_a_worker(tmp_path, capsys):
     line = refusal(capsys, base(root, "--dataset", "wds/tiny", "--workers", "1", "-b", "3", "--epochs", "2",
                                 "--output", tmp_path / "o"))
     assert "tiny-train-000001.tar: sample 'bad'" in line and "bad image" in line and "Traceback" not in line
+
+
+def test_input_img_mode_reaches_every_kind(tmp_path, monkeypatch):
+    from conftest import make_image_folder
+    from vanillakd.data.sources import build_train_val_any
+    folder = make_image_folder(tmp_path / "f", per_class=(2, 1), size=16)
+    md5s = write_cifar(tmp_path / "c", "cifar10")
+    trust_cifar_files(monkeypatch, md5s)
+    for data, name in ((folder, ""), (tmp_path / "c", "torch/cifar10")):
+        train, _, _ = build_train_val_any(str(data), name, input_img_mode="L")
+        assert train.dataset[0][0].mode == "L", name

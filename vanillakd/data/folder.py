@@ -145,14 +145,15 @@ def _load_class_map(path: str, split_dir: Path, folders: list[str]) -> dict:
     return cmap
 
 
-def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> SplitDataset:
+def build_split(split_dir: Path, is_training: bool, class_map: str = "", input_img_mode: str = "RGB") -> SplitDataset:
     """A timm ImageDataset for one split, after checking it has class folders and images in each."""
     folders = class_folders(split_dir)
     if not folders:
         raise UserError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image files>)")
     cmap = _load_class_map(class_map, split_dir, folders) if class_map else ""
     try:
-        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap)
+        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap,
+                            input_img_mode=input_img_mode or "RGB")
     except RuntimeError as e:
         if "Found 0 images" not in str(e):
             raise
@@ -170,11 +171,14 @@ def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> Spli
 
 
 def build_train_val(data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "validation",
-                    class_map: str = "", num_classes: int | None = None) -> tuple[SplitDataset, SplitDataset, int]:
+                    class_map: str = "", num_classes: int | None = None,
+                    input_img_mode: str = "RGB") -> tuple[SplitDataset, SplitDataset, int]:
     """Train and val datasets with identical class lists, and the number of classes."""
     root = check_data_root(data_dir)
-    train = build_split(find_split(root, train_split), is_training=True, class_map=class_map)
-    val = build_split(find_split(root, val_split), is_training=False, class_map=class_map)
+    train = build_split(find_split(root, train_split), is_training=True, class_map=class_map,
+                        input_img_mode=input_img_mode)
+    val = build_split(find_split(root, val_split), is_training=False, class_map=class_map,
+                      input_img_mode=input_img_mode)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -188,5 +192,7 @@ def build_train_val(data_dir: str | os.PathLike, train_split: str = "train", val
     return train, val, n
 
 
-def build_eval_split(data_dir: str | os.PathLike, split: str = "validation", class_map: str = "") -> SplitDataset:
-    return build_split(find_split(check_data_root(data_dir), split), is_training=False, class_map=class_map)
+def build_eval_split(data_dir: str | os.PathLike, split: str = "validation", class_map: str = "",
+                     input_img_mode: str = "RGB") -> SplitDataset:
+    return build_split(find_split(check_data_root(data_dir), split), is_training=False, class_map=class_map,
+                       input_img_mode=input_img_mode)

@@ -245,7 +245,7 @@ def build_train_val_any(data_dir: str, dataset: str = "", train_split: str = "tr
     """Train and val splits of any kind, with one class list, and the number of classes."""
     kind, _ = dataset_kind(dataset)
     if kind == "folder":
-        return build_train_val(data_dir, train_split, val_split, class_map, num_classes)
+        return build_train_val(data_dir, train_split, val_split, class_map, num_classes, input_img_mode)
     if kind != "hfds" and not str(data_dir).startswith(("pipe:", "http:", "https:", "s3:", "gs:", "file:")) \
             and not os.path.isdir(data_dir):
         raise UserError(f"data dir {data_dir} does not exist" + ("; pass --dataset-download to fetch the dataset "
@@ -269,5 +269,5 @@ def build_eval_split_any(data_dir: str, dataset: str = "", split: str = "validat
                          num_classes: int | None = None) -> SplitDataset:
     kind, _ = dataset_kind(dataset)
     if kind == "folder":
-        return build_eval_split(data_dir, split, class_map)
+        return build_eval_split(data_dir, split, class_map, input_img_mode)
     return build_split_any(dataset, data_dir, split, False, class_map, download, input_img_mode, num_classes)
