@@ -159,3 +159,14 @@ def test_train_fd_over_shards(dataset, teacher, tmp_path):
     assert run_cli(train_fd.cli, argv(data, name, teacher, tmp_path, "fd", *extra, "--kd-loss", "rkd",
                                       "--epochs", "1")) == 0
     assert torch.load(tmp_path / "fd" / "last.pth.tar", weights_only=True)["num_updates"] == 6
+
+
+def test_hf_saved_dataset_forms(tmp_path):
+    """hfds/ with DIR the saved folder, or hfds/PATH; a missing 'validation' split falls back to 'test'."""
+    pytest.importorskip("datasets")
+    from vanillakd.data.sources import build_train_val_any
+    path = write_hf_disk(tmp_path / "hf", n_train=6, n_val=3, val_name="test")
+    for data, name in ((path, "hfds/"), (tmp_path, f"hfds/{path}")):
+        train, val, n = build_train_val_any(str(data), name)
+        assert (len(train.dataset), len(val.dataset), n) == (6, 3, 3) and train.identity() != val.identity()
+        assert train.dataset.labels().tolist() == [0, 1, 2, 0, 1, 2]
