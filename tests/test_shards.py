@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli, save_teacher
+from conftest import REPO, save_teacher
 from dataset_files import write_shards
 
 pytest.importorskip("webdataset")

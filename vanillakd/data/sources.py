@@ -92,7 +92,7 @@ def _class_map(path: str, classes: list[str], where: str) -> tuple[np.ndarray, l
     return np.array([cmap[c] for c in classes], dtype=np.int64), new
 
 
-def _split_name(split: str, training: bool, kind: str, available: list[str] | None = None) -> str:
+def _split_name(split: str, kind: str, available: list[str] | None = None) -> str:
     """The dataset's own split for ``--train-split`` / ``--val-split``; eval names also find val/test."""
     if available is None:  # torchvision: a train flag only
         if split in TRAIN_NAMES:
@@ -119,7 +119,7 @@ def _digest(*parts) -> str:
 
 def _torch_split(name: str, root: str, split: str, download: bool, class_map: str, mode: str) -> SplitDataset:
     from timm.data import create_dataset
-    which = _split_name(split, split in TRAIN_NAMES, f"torch/{name}")
+    which = _split_name(split, f"torch/{name}")
     try:
         ds = create_dataset(f"torch/{name}", root=root, split="train" if which == "train" else "validation",
                             download=download)
@@ -155,7 +155,7 @@ def _hfds_split(name: str, root: str, split: str, class_map: str, mode: str) -> 
     if is_saved_dataset(path):
         available = sorted(datasets.load_from_disk(str(path)).keys()) if (Path(path) / "dataset_dict.json").is_file() \
             else None
-        which = _split_name(split, False, str(path), available) if available else split
+        which = _split_name(split, str(path), available) if available else split
         reader = ReaderHfDisk(load_saved_split(path, which), f"{path} [{which}]")
         ds = ImageDataset(str(path), reader=reader, input_img_mode=mode)
         labels, classes, source = reader.labels, sorted(reader.class_to_idx, key=reader.class_to_idx.get), \
@@ -206,7 +206,7 @@ def _wds_split(name: str, root: str, split: str, class_map: str, mode: str, trai
     splits = info.get("splits") if isinstance(info, dict) else None
     if not isinstance(splits, dict):
         raise UserError(f"{info_path} has no 'splits': not timm's _info.json")
-    which = _split_name(split, training, info_path, sorted(splits))
+    which = _split_name(split, info_path, sorted(splits))
     # timm's _info.json: per split, the shard file names and the number of samples in each
     filenames, lengths = list(splits[which].get("filenames", [])), list(splits[which].get("shard_lengths", []))
     if not filenames or len(lengths) != len(filenames) or not sum(lengths):
