@@ -47,6 +47,8 @@ def test_missing_files_and_splits(tmp_path, capsys, monkeypatch):
     write_hf_disk(tmp_path / "hf", val_name="test")  # 'validation' falls back to 'test'; other names do not
     line = refusal(capsys, base(tmp_path / "hf", "--dataset", "hfds/", "--val-split", "dev"))
     assert "split 'dev' missing" in line and "['test', 'train']" in line
+    # a hub name with HF_HUB_OFFLINE set (conftest): one line, no wait on the network
+    assert "Couldn't reach 'someorg/somedata'" in refusal(capsys, base(tmp_path, "--dataset", "hfds/someorg/somedata"))
 
 
 def test_shards_without_info_json(tmp_path, capsys):
