@@ -24,10 +24,11 @@ from .errors import UserError
 from .outputs import setup_console_logging
 from .student import NO_KD, build_scheduler, student_settings
 from .teacher_cache import (FORMAT_VERSION, EpochWriter, Storage, describe_difference, disk_bytes, epoch_dir,
-                            human_bytes, input_fingerprint, read_manifest, reconstruction_l1, samples_digest,
+                            human_bytes, input_fingerprint, read_manifest, reconstruction_l1,
                             save_val_predictions, stream_description, teacher_description, teacher_difference,
                             write_manifest)
-from .train import _build_teacher, _check_args, _data_config, load_training_data, setup_speed
+from .train import (_build_teacher, _check_args, _data_config, load_training_data, log_left_out, setup_speed,
+                    val_identity)
 
 log = logging.getLogger("vanillakd")
 
@@ -68,13 +69,14 @@ def write_cache(args: argparse.Namespace) -> dict:
     teacher, _ = _build_teacher(args, logit_settings, num_classes, device, data_config)
     loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
                                 world_size=info.world_size, rank=info.rank)
+    log_left_out(train_split)
     steps = len(loader) if args.max_train_steps is None else min(len(loader), args.max_train_steps)
     num_epochs = _num_epochs(args, steps)
     storage = _storage(args, num_classes, steps)
     manifest = {
         "version": FORMAT_VERSION,
-        "stream": stream_description(args, data_config, train_split.dataset.reader.samples, train_split.root,
-                                     info.world_size, steps, num_classes),
+        "stream": stream_description(args, data_config, train_split.identity(), len(train_split.dataset),
+                                     info.world_size, steps, num_classes, train_split.streaming),
         "teacher": {**teacher_description(args), "precision": str(precision)},
         "storage": {"topk": storage.topk, "dtype": storage.dtype, "bytes_per_sample": storage.bytes_per_sample()},
         "epochs_done": [], "error": {},
@@ -169,7 +171,7 @@ def _cache_val_predictions(root, manifest: dict, teacher, val_split, data_config
                                args.workers, device, pin_memory=args.pin_mem)
     metrics = evaluate(teacher, loader, precision, args.channels_last, collect_top1=preds)
     save_val_predictions(root, torch.cat(preds))
-    manifest["val"] = {"files": samples_digest(val_split.dataset.reader.samples, val_split.root),
+    manifest["val"] = {"files": val_identity(val_split, args),
                        "images": len(val_split.dataset), "teacher_top1": metrics["top1"]}
     write_manifest(root, manifest)
     log.info(f"teacher: top1 {metrics['top1']:.2f} on the val set (its predictions are cached for agreement)")

@@ -24,7 +24,10 @@ from .train import run_argv
 log = logging.getLogger("vanillakd")
 
 GRID_KEYS = {"data_dir", "model", "methods", "fractions", "seeds", "teacher", "teacher_pretrained", "output",
-             "train_teacher_epochs", "train_teacher_fraction", "recipe"}
+             "train_teacher_epochs", "train_teacher_fraction", "recipe", "dataset", "train_split", "val_split",
+             "class_map", "input_img_mode", "dataset_download"}
+# grid keys that are train-kd's dataset flags, passed to every run (the teacher's and every cell's)
+DATASET_KEYS = ("dataset", "train_split", "val_split", "class_map", "input_img_mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the teacher here first (with the shared recipe; reused when present)")
     p.add_argument("--train-teacher-fraction", type=float, default=None)
     p.add_argument("--output", default=None, help="the comparison's folder")
+    g = p.add_argument_group("Dataset (train-kd's flags, for every run)")
+    g.add_argument("-d", "--dataset", default=None, help="folder (default), torch/NAME, hfds/NAME or wds/NAME")
+    g.add_argument("--train-split", default=None)
+    g.add_argument("--val-split", default=None)
+    g.add_argument("--class-map", default=None)
+    g.add_argument("--input-img-mode", default=None)
+    g.add_argument("--dataset-download", action="store_true", default=None)
     return p
+
+
+def dataset_flags(grid: dict) -> list[str]:
+    """The grid's dataset keys as train-kd flags."""
+    flags = [f"--{k.replace('_', '-')}={grid[k]}" for k in DATASET_KEYS if grid.get(k) not in (None, "")]
+    return flags + (["--dataset-download"] if grid.get("dataset_download") else [])
 
 
 def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -76,7 +92,7 @@ def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
         raise UserError("compare needs --teacher-pretrained FILE or --train-teacher-epochs N")
     if any(not 0 < f <= 1 for f in grid["fractions"]):
         raise UserError(f"fractions must be in (0, 1]: {grid['fractions']}")
-    return grid, grid["recipe"]
+    return grid, grid["recipe"] + dataset_flags(grid)
 
 
 def _cell_name(fraction: float, seed: int) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 from .distributed import all_reduce_sum
 from .features import Features
 from .precision import Precision
+from .student import MicroStep
 
 log = logging.getLogger("vanillakd")
 
@@ -46,9 +47,11 @@ def _eta(seconds: float) -> str:
 def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, students: Sequence,
                     precision: Precision, channels_last: bool = False, log_interval: int = 50,
                     max_steps: int | None = None, progress: bool | None = None, start_step: int = 0,
-                    after_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+                    after_step: Callable[[int, int], None] | None = None,
+                    accum_steps: int = 1) -> list[dict[str, float]]:
     """One pass over ``loader`` (which yields the epoch's batches from ``start_step`` on, for a resumed
-    epoch); ``after_step(done, total)`` runs after each step. Returns each student's mean losses."""
+    epoch); ``after_step(done, total)`` runs after each step. With ``accum_steps`` N, each N batches (one
+    teacher pass each) make one optimizer update. Returns each student's mean losses."""
     for s in students:
         s.train(keep_sums=start_step > 0)
     total = start_step + len(loader)
@@ -70,8 +73,9 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, stu
         if teacher is not None:
             with precision.autocast():
                 teacher_out = teacher.batch_output(x, target, epoch, step)
+        micro = MicroStep.at(step, accum_steps, total)
         for s in students:
-            s.train_step(x, target, teacher_out, extras, epoch)
+            s.train_step(x, target, teacher_out, extras, epoch, micro)
         bar.update()
         done = step + 1
         if done % log_interval == 0 or done == total:

@@ -13,6 +13,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+def one_line(e: UserError) -> str:
+    """The message; a UserError raised in a DataLoader worker arrives wrapped in the worker's traceback text,
+    whose last line is the original message."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(f"{UserError.__name__}: ", 1)[-1]
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "vanillakd") -> int:
     """Run an entry point, turning UserError into ``prog: error: ...`` on stderr and exit code 2.
@@ -24,7 +34,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as e:
         if os.environ.get("VANILLAKD_TRACEBACK"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -14,8 +14,17 @@ import yaml
 from .checkpoint import atomic_write_text
 from .outputs import read_summary
 
-RESULT_FIELDS = ["method", "model", "fraction", "seed", "top1", "top5", "agreement", "epochs", "train_images",
-                 "wall_time_s", "run_dir"]
+RESULT_FIELDS = ["method", "model", "dataset", "fraction", "seed", "top1", "top5", "agreement", "epochs",
+                 "train_images", "wall_time_s", "run_dir"]
+# the flags that say which data a run trained and was evaluated on (report can keep only some of them)
+DATASET_FLAGS = ("dataset", "train_split", "val_split")
+
+
+def dataset_of(args: dict) -> dict:
+    """A run's dataset flags from its args.yaml; the folder default is named 'folder'."""
+    out = {k: args.get(k) for k in DATASET_FLAGS}
+    out["dataset"] = out["dataset"] or "folder"
+    return out
 
 
 def _float(v) -> float | None:
@@ -35,7 +44,7 @@ def run_result(run_dir: Path) -> dict:
     tag = run_dir.name.split("-", 1)[1] if run_dir.name.startswith("student") and "-" in run_dir.name else None
     method = tag.rsplit("-", 1)[1] if tag else (args.get("kd_loss") or ["?"])[0]
     model = tag.rsplit("-", 1)[0] if tag else (args.get("model") or ["?"])[0]
-    return {"method": method, "model": model, "fraction": args.get("train_fraction", 1.0),
+    return {"method": method, "model": model, **dataset_of(args), "fraction": args.get("train_fraction", 1.0),
             "seed": args.get("seed"), "top1": _float(last.get("eval_top1")), "top5": _float(last.get("eval_top5")),
             "agreement": _float(last.get("eval_agreement")), "epochs": len(rows),
             "train_images": args.get("train_images"),
@@ -138,14 +147,21 @@ def plot_curves(run_dirs: Sequence[Path], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def report(paths: Sequence[Path], out_dir: Path) -> list[dict]:
-    """results.csv, results.md and curve plots for every run below ``paths``."""
+def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> list[dict]:
+    """results.csv, results.md and curve plots for every run below ``paths``; ``only`` (dataset flags, e.g.
+    ``{'dataset': 'torch/cifar100'}``) keeps the runs trained with those values."""
+    from .errors import UserError
     runs = find_runs(paths)
     if not runs:
-        from .errors import UserError
         raise UserError(f"no finished training runs (summary.csv + args.yaml) under {', '.join(map(str, paths))}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {k: ("folder" if k == "dataset" and v in ("", "folder") else v) for k, v in (only or {}).items()
+              if v is not None}
     results = [run_result(d) for d in runs]
+    kept = [i for i, r in enumerate(results) if all(r.get(k) == v for k, v in wanted.items())]
+    if not kept:
+        raise UserError(f"none of the {len(runs)} runs was trained with {wanted}")
+    runs, results = [runs[i] for i in kept], [results[i] for i in kept]
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_results_csv(results, out_dir / "results.csv")
     atomic_write_text(markdown_table(results), out_dir / "results.md")
     by_parent: dict[Path, list[Path]] = defaultdict(list)

@@ -5,6 +5,7 @@ Several students can share one teacher pass; each owns everything that decides i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,22 @@ from .speed import maybe_compile, optimizer_speed_kwargs
 
 # --kd-loss none: the student trains on its labels alone (the "from scratch" baseline), no teacher pass
 NO_KD = "none"
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """Where a batch stands in a gradient accumulation (``--grad-accum-steps``): the first micro-batch clears
+    the gradients, the last one steps the optimizer; ``size`` micro-batches make the update."""
+    first: bool = True
+    last: bool = True
+    size: int = 1
+
+    @classmethod
+    def at(cls, step: int, accum: int, total: int) -> MicroStep:
+        """Micro-batch ``step`` of an epoch of ``total``; the epoch's last accumulation may be shorter."""
+        start = step - step % accum
+        size = min(accum, total - start)
+        return cls(step == start, step == start + size - 1, size)
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,7 @@ class StudentRun:
         self._bad = torch.full((3,), -1, dtype=torch.int64, device=device)  # step, base bad, kd bad
         self._max_nonfinite = args.max_nonfinite
         self._skipped_in_a_row = 0
+        self._discard_update = False
 
     def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> tuple[int, int]:
         """Restore everything that decides this student's future from ``ckpt``; return the (epoch, step)
@@ -287,26 +305,42 @@ class StudentRun:
             self._steps = 0
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | Features | None,
-                   extras: dict | None = None, epoch: int | None = None) -> None:
-        """Forward, backward, optimizer / schedule / EMA updates; no host synchronisation."""
-        with self.precision.autocast():
-            out = self.forward(x, target, teacher_out, extras, epoch)
-        loss = out["loss"]
-        terms = torch.stack([out["base_loss"].float(), out["kd_loss"].float()])
-        if self._max_nonfinite > 0 and self._skip_nonfinite(loss, terms):
-            return
-        self._record_nonfinite(loss, terms)
-        self.optimizer.zero_grad(set_to_none=True)
+                   extras: dict | None = None, epoch: int | None = None, micro: MicroStep | None = None) -> None:
+        """Forward and backward of one (micro-)batch; on the last micro-batch of an accumulation the optimizer,
+        schedule and EMA updates. No host synchronisation."""
+        micro = micro or MicroStep()
+        if micro.first:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._discard_update = False
+        # DDP averages gradients over ranks on the last micro-batch's backward only
+        no_sync = getattr(self.forward, "no_sync", None)
+        with no_sync() if no_sync is not None and not micro.last else contextlib.nullcontext():
+            with self.precision.autocast():
+                out = self.forward(x, target, teacher_out, extras, epoch)
+            loss = out["loss"]
+            terms = torch.stack([out["base_loss"].float(), out["kd_loss"].float()])
+            if self._max_nonfinite > 0 and self._skip_nonfinite(loss, terms):
+                self._discard_update = True  # the whole accumulated update is skipped
+            else:
+                self._record_nonfinite(loss, terms)
+                scaled = loss / micro.size if micro.size > 1 else loss  # the mean over the update's samples
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                # running sums stay on the device; read only at log intervals
+                self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
+                self._steps += 1
+        if micro.last and not self._discard_update:
+            self._update()
+
+    def _update(self) -> None:
+        """Optimizer step (clipping, loss scaling), then the schedule and EMA counting optimizer updates."""
         clip = self.setting.clip_grad
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             if clip is not None:
                 dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
             self.optimizer.step()
@@ -314,9 +348,6 @@ class StudentRun:
         self.scheduler.step_update(num_updates=self.num_updates)
         for ema in self.emas:
             ema.update(self.model, step=self.num_updates)
-        # running sums stay on the device; read only at log intervals
-        self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
-        self._steps += 1
 
     def _record_nonfinite(self, loss: torch.Tensor, terms: torch.Tensor) -> None:
         """Remember the first non-finite step on the device (read by ``check_finite`` at log points)."""

@@ -60,7 +60,9 @@ FINGERPRINT_TOL = 1e-3
 STREAM_FLAGS = ("batch_size", "seed", "no_aug", "scale", "ratio", "hflip", "vflip", "color_jitter", "aa",
                 "aug_repeats", "reprob", "remode", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob",
                 "mixup_switch_prob", "mixup_mode", "mixup_off_epoch", "train_interpolation", "max_train_steps",
-                "data_pipeline")
+                "data_pipeline", "dataset", "train_split", "epoch_repeats")
+# what a manifest written before a flag existed means by its absence (such caches stay usable)
+STREAM_DEFAULTS = {"dataset": "", "train_split": "train", "epoch_repeats": 0.0}
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -79,13 +81,16 @@ def samples_digest(samples: list[tuple[str, int]], root: str | os.PathLike) -> s
     return h.hexdigest()
 
 
-def stream_description(args, data_config: dict, samples: list, root, world_size: int, steps: int,
-                       num_classes: int) -> dict[str, Any]:
-    """Everything the training stream depends on, as plain JSON values."""
-    desc = {k: _plain(getattr(args, k, None)) for k in STREAM_FLAGS}
+def stream_description(args, data_config: dict, train_files: str, train_images: int, world_size: int, steps: int,
+                       num_classes: int, streaming: bool = False) -> dict[str, Any]:
+    """Everything the training stream depends on, as plain JSON values. ``train_files``: the training split's
+    identity (``SplitDataset.identity``); streamed shards' order also depends on the loader's worker count."""
+    desc = {k: _plain(getattr(args, k, STREAM_DEFAULTS.get(k))) for k in STREAM_FLAGS}
     desc.update(data_config={k: _plain(data_config[k]) for k in ("input_size", "mean", "std", "interpolation")},
-                train_files=samples_digest(samples, root), train_images=len(samples), world_size=world_size,
+                train_files=train_files, train_images=train_images, world_size=world_size,
                 steps_per_epoch=steps, num_classes=num_classes)
+    if streaming:
+        desc["workers"] = args.workers
     return desc
 
 
@@ -119,7 +124,7 @@ def describe_difference(cached: dict, wanted: dict) -> list[str]:
     """'key: cache X, run Y' for each differing key (numbers compared as numbers)."""
     out = []
     for key in sorted(set(cached) | set(wanted)):
-        a, b = cached.get(key), wanted.get(key)
+        a, b = cached.get(key, STREAM_DEFAULTS.get(key)), wanted.get(key, STREAM_DEFAULTS.get(key))
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True) and not _num_equal(a, b):
             if key == "train_files":
                 out.append("train_files: the training images or their labels differ")
@@ -356,11 +361,12 @@ class CachedTeacher(nn.Module):
         self._bad.copy_(torch.where(first, here, self._bad))
         return decode(rows, self.num_classes)
 
-    def val_predictions(self, samples: list, root, batch_size: int) -> list[torch.Tensor] | None:
+    def val_predictions(self, val_files: str, batch_size: int) -> list[torch.Tensor] | None:
         """The teacher's top-1 class on each val batch (for the agreement metric), when the cache holds them for
-        these val files; batches of ``batch_size`` in the eval loader's fixed order."""
+        these val files (``val_files``: the val split's identity); batches of ``batch_size`` in the eval
+        loader's fixed order."""
         val = self.manifest.get("val")
-        if not val or val.get("files") != samples_digest(samples, root) or not (self.root / VAL_TOP1).is_file():
+        if not val or val.get("files") != val_files or not (self.root / VAL_TOP1).is_file():
             return None
         preds = torch.from_numpy(np.load(self.root / VAL_TOP1)).to(self.device)
         return list(torch.split(preds, batch_size))

@@ -18,7 +18,8 @@ from timm.data import resolve_data_config
 from timm.utils import distribute_bn
 
 from .checkpoint import atomic_save, load_file, plain, set_rng_state
-from .data.folder import build_train_val, drop_bad_images, take_fraction
+from .data.folder import SplitDataset, drop_bad_images, take_fraction
+from .data.sources import build_train_val_any, dataset_kind
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
@@ -39,8 +40,9 @@ log = logging.getLogger("vanillakd")
 
 
 def _check_args(args: argparse.Namespace, settings: list) -> None:
-    if args.dataset not in ("", "folder", "imagefolder"):
-        raise UserError(f"--dataset {args.dataset!r}: only ImageFolder layouts are supported")
+    dataset_kind(args.dataset)
+    if getattr(args, "grad_accum_steps", 1) < 1:
+        raise UserError(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     for name in args.model:
@@ -126,12 +128,27 @@ def setup_speed(args: argparse.Namespace, device: torch.device) -> Precision:
 
 def load_training_data(args: argparse.Namespace):
     """(train split, val split, number of classes), bad images handled and the train fraction taken."""
-    train_split, val_split, num_classes = build_train_val(args.data_dir, args.train_split, args.val_split,
-                                                          args.class_map, args.num_classes)
+    train_split, val_split, num_classes = build_train_val_any(
+        args.data_dir, args.dataset, args.train_split, args.val_split, args.class_map, args.num_classes,
+        download=getattr(args, "dataset_download", False), input_img_mode=getattr(args, "input_img_mode", "RGB"))
     for split in (train_split, val_split):
         drop_bad_images(split, args.bad_images, args.workers, log.info)
     take_fraction(train_split, args.train_fraction, args.train_subset_seed)
     return train_split, val_split, num_classes
+
+
+def log_left_out(train_split: SplitDataset) -> None:
+    """Streamed shards: say how many samples each epoch leaves out (the lanes take whole batches only)."""
+    if train_split.streaming and train_split.dataset.left_out():
+        ds = train_split.dataset
+        log.info(f"shards: {ds.left_out()} of {ds.epoch_samples()} training samples are left out of each epoch "
+                 f"(each of {ds.world_size} process(es) x {ds.lanes} worker lane(s) takes whole batches of a "
+                 "contiguous range); which ones changes every epoch")
+
+
+def val_identity(val_split: SplitDataset, args: argparse.Namespace) -> str:
+    """The val split and, for shards, the worker count that fixes the eval loader's order."""
+    return val_split.identity() + (f":workers={args.workers}" if val_split.streaming else "")
 
 
 def _shared_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
@@ -235,7 +252,15 @@ def _newest_valid(folder: Path, trust: bool) -> tuple[Path, dict]:
     return best
 
 
-def _resume(args: argparse.Namespace, students: list[StudentRun]) -> tuple[int, int]:
+def _check_resume_stream(ckpt: dict, args: argparse.Namespace, path) -> None:
+    """Shards: the epoch's order depends on the worker count, so a mid-epoch resume must keep it."""
+    saved = (ckpt.get("args") or {}).get("workers")
+    if ckpt.get("step") is not None and saved is not None and saved != args.workers:
+        raise UserError(f"--resume {path}: stopped mid-epoch with --workers {saved}; over wds/ shards the "
+                        f"epoch's order depends on it, so continue with --workers {saved} (not {args.workers})")
+
+
+def _resume(args: argparse.Namespace, students: list[StudentRun], streaming: bool = False) -> tuple[int, int]:
     """Load each student's checkpoint (``--resume``); return the (epoch, step) to continue from."""
     path = Path(args.resume) if args.resume != "auto" else None
     if path is not None and path.is_file() and len(students) > 1:
@@ -246,6 +271,8 @@ def _resume(args: argparse.Namespace, students: list[StudentRun]) -> tuple[int, 
             ckpt_path, ckpt = path, load_file(path, trust=args.trust_checkpoint)
         else:
             ckpt_path, ckpt = _newest_valid(st.out_dir, args.trust_checkpoint)
+        if streaming:
+            _check_resume_stream(ckpt, args, ckpt_path)
         positions.append(st.resume(ckpt, str(ckpt_path), load_optimizer=not args.no_resume_opt))
         rng = rng or ckpt.get("rng")
         log.info(f"resuming {st.setting.tag} from {ckpt_path}")
@@ -268,16 +295,20 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
     cached = bool(args.teacher_cache) and any(s.uses_teacher for s in settings)
     teacher, teacher_shapes = (None, None) if cached else _build_teacher(args, settings, num_classes, device,
                                                                           data_config)
+    contrast_k = _contrast_k(args, settings)
     train_loader = build_train_loader(train_split.dataset, data_config, args, num_classes, device,
-                                      world_size=info.world_size, rank=info.rank,
-                                      contrast_k=_contrast_k(args, settings))
+                                      world_size=info.world_size, rank=info.rank, contrast_k=contrast_k,
+                                      labels=train_split.labels("CRD's contrast sampling") if contrast_k else None)
+    log_left_out(train_split)
     eval_loader = build_eval_loader(val_split.dataset, data_config, args.validation_batch_size or args.batch_size,
                                     args.workers, device, distributed=info.distributed, pin_memory=args.pin_mem)
     steps = len(train_loader) if args.max_train_steps is None else min(len(train_loader), args.max_train_steps)
+    accum = args.grad_accum_steps
+    updates = -(-steps // accum)  # a last, shorter accumulation takes the epoch's remaining micro-batches
 
     for i, s in enumerate(settings):
         out_dir = run_dir if len(settings) == 1 else run_dir / f"student{i}-{s.tag}"
-        students.append(StudentRun(i, s, args, num_classes, device, precision, steps, out_dir, loss_kind,
+        students.append(StudentRun(i, s, args, num_classes, device, precision, updates, out_dir, loss_kind,
                                    teacher_shapes=teacher_shapes, num_data=len(train_split.dataset),
                                    input_size=input_size, dist_info=info))
     for st in students:
@@ -287,8 +318,8 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
                  "EMA metrics, no model_best_ema); its weights are in every checkpoint: `vanillakd validate DATA "
                  "--model ARCH --checkpoint RUN/last.pth.tar --use-ema` evaluates them")
     if cached:
-        stream = stream_description(args, data_config, train_split.dataset.reader.samples, train_split.root,
-                                    info.world_size, steps, num_classes)
+        stream = stream_description(args, data_config, train_split.identity(), len(train_split.dataset),
+                                    info.world_size, steps, num_classes, train_split.streaming)
         teacher = open_cache(args.teacher_cache, stream, teacher_description(args), students[0].num_epochs,
                              info.rank, device, explicit_weights=bool(args.teacher_pretrained))
         log.info(f"teacher outputs from the cache {args.teacher_cache} ({teacher.describe()}); the teacher does "
@@ -296,7 +327,8 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
         cached_precision = teacher.manifest.get("teacher", {}).get("precision")
         if cached_precision and cached_precision != str(precision):
             log.info(f"note: the cache's teacher ran in {cached_precision}, this run's students in {precision}")
-    start_epoch, start_step = _resume(args, students) if args.resume else (args.start_epoch or 0, 0)
+    start_epoch, start_step = _resume(args, students, train_split.streaming) if args.resume else \
+        (args.start_epoch or 0, 0)
     if not args.resume and start_epoch > 0:
         for st in students:  # as timm's train.py: the schedule starts where epoch N does, not at its warm-up
             st.start_at(start_epoch)
@@ -319,7 +351,9 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
         t0 = time.perf_counter()
 
         def save_recovery(done: int, total: int, epoch: int = epoch) -> None:
-            if args.recovery_interval and done % args.recovery_interval == 0 and done < total and info.primary:
+            # only between optimizer updates: gradients of a half-done accumulation are not saved
+            if args.recovery_interval and done % args.recovery_interval == 0 and done % accum == 0 \
+                    and done < total and info.primary:
                 for st in students:
                     st.check_finite()  # never save non-finite weights
                     atomic_save(st.checkpoint(epoch, args, None, step=done), st.out_dir / "recovery.pth.tar")
@@ -327,14 +361,14 @@ def _run(args, settings, device, precision, train_split, val_split, num_classes,
         train_metrics = train_one_epoch(epoch, train_loader, teacher, students, precision, args.channels_last,
                                         args.log_interval, args.max_train_steps,
                                         args.progress if info.primary else False, start_step=first,
-                                        after_step=save_recovery)
+                                        after_step=save_recovery, accum_steps=accum)
         train_time = time.perf_counter() - t0
         if info.distributed and args.dist_bn:
             for st in students:  # ranks saw different batches: make their BN statistics agree
                 distribute_bn(st.model, info.world_size, reduce=args.dist_bn == "reduce")
         do_eval = should_evaluate(epoch, num_epochs, args.eval_interval, args.eval_interval_end)
         if do_eval and cached and teacher_preds is None and not info.distributed:
-            teacher_preds = teacher.val_predictions(val_split.dataset.reader.samples, val_split.root,
+            teacher_preds = teacher.val_predictions(val_identity(val_split, args),
                                                     args.validation_batch_size or args.batch_size)
         if do_eval and isinstance(teacher, FrozenTeacher) and teacher_preds is None:
             # the teacher is frozen: its predictions on the (fixed-order) val set are computed once

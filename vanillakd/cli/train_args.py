@@ -37,16 +37,32 @@ def _positive(kind):
 pos_int, pos_float = _positive(int), _positive(float)
 
 
+def add_dataset_flags(g, splits: bool = True) -> None:
+    """--dataset and the flags that choose a dataset's split, classes and image mode (timm's names)."""
+    g.add_argument("-d", "--dataset", default="",
+                   help="folder (default: DIR/train/<class>/...), torch/NAME (torchvision: cifar10, cifar100, "
+                        "mnist, ...), hfds/NAME (Hugging Face hub name or save_to_disk folder), wds/NAME "
+                        "(WebDataset shards in DIR with timm's _info.json)")
+    g.add_argument("--dataset-download", action="store_true", help="download a torch/ dataset into DIR if missing")
+    if splits:
+        g.add_argument("--train-split", default="train")
+        g.add_argument("--val-split", default="validation",
+                       help="val split; 'validation' also finds val/, eval/ (and test where there is no val)")
+    g.add_argument("--class-map", default="", help="file mapping class names to class indices (timm's format)")
+    g.add_argument("--input-img-mode", default="RGB", help="PIL mode images are converted to (RGB, L, ...)")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset")
-    g.add_argument("data_dir", metavar="DIR", help="ImageFolder root with train/ and val/ class folders")
-    g.add_argument("--dataset", default="", help="dataset type (only ImageFolder, the default, is supported)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation", help="val split; 'validation' also finds val/ or eval/")
-    g.add_argument("--class-map", default="", help="file mapping folder names to class indices")
+    g.add_argument("data_dir", metavar="DIR", help="ImageFolder root with train/ and val/ class folders, or the "
+                                                   "folder (or URL prefix) of the --dataset")
+    add_dataset_flags(g)
     g.add_argument("--train-fraction", type=pos_float, default=1.0,
                    help="train on a class-balanced, deterministic fraction of the training set")
     g.add_argument("--train-subset-seed", type=int, default=0, help="which subset --train-fraction draws")
+    g.add_argument("--epoch-repeats", type=float, default=0.0,
+                   help="epoch repeat multiplier: each training epoch passes over the dataset this many times "
+                        "(0 = once)")
     g.add_argument("--data-pipeline", default="cpu", choices=["cpu", "gpu"],
                    help="cpu: timm's loader (workers decode and augment); gpu: workers read JPEG bytes, the "
                         "training device decodes and augments in batches (same augmentation distribution)")
@@ -141,6 +157,9 @@ def add_optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=[2e-5], nargs="+")
     g.add_argument("--clip-grad", type=float, default=[None], nargs="+")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
+    g.add_argument("--grad-accum-steps", type=pos_int, default=1, metavar="N",
+                   help="accumulate the gradients of N batches (one teacher pass each) per optimizer update: "
+                        "the update sees N x --batch-size samples per process")
     g.add_argument("--layer-decay", type=float, default=None)
     g = p.add_argument_group("Learning rate schedule")
     g.add_argument("--sched", default="cosine")

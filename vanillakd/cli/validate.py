@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError, run_cli
-from .train_args import _Parser, pos_float, pos_int
+from .train_args import _Parser, add_dataset_flags, pos_float, pos_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="validate.py", description="Evaluate a checkpoint on DIR/val (or --split).")
     p.add_argument("data_dir", metavar="DIR")
     p.add_argument("--split", default="validation", help="split folder; 'validation' also finds val/")
-    p.add_argument("--class-map", default="")
+    add_dataset_flags(p, splits=False)
     p.add_argument("--model", "-m", default="resnet50", help="timm architecture")
     p.add_argument("--checkpoint", default="", help="weights file (state_dict, or dict with state_dict / model ...)")
     p.add_argument("--zoo", default=None, metavar="NAME",
@@ -55,7 +55,7 @@ def validate(args: argparse.Namespace) -> dict:
     import torch
     from timm.data import resolve_data_config
 
-    from ..data.folder import build_eval_split
+    from ..data.sources import build_eval_split_any
     from ..data.loader import build_eval_loader
     from ..engine import evaluate
     from ..models import create_student, create_teacher
@@ -68,7 +68,8 @@ def validate(args: argparse.Namespace) -> dict:
         args.model, args.checkpoint = m.arch, str(zoo.fetch(args.zoo, args.zoo_dir))
     if not args.checkpoint and not args.pretrained:
         raise UserError("give --checkpoint PATH (or --pretrained for timm's own weights)")
-    split = build_eval_split(args.data_dir, args.split, args.class_map)
+    split = build_eval_split_any(args.data_dir, args.dataset, args.split, args.class_map, args.dataset_download,
+                                 args.input_img_mode, args.num_classes)
     state = _checkpoint_state(args) if args.checkpoint else None
     num_classes = _num_classes(args, state, len(split.classes))
     device = resolve_device(args.device)

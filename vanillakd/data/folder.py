@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from timm.data import create_dataset
 from timm.data.readers.class_map import load_class_map
 
@@ -43,9 +45,47 @@ def class_folders(split_dir: Path) -> list[str]:
 
 @dataclass
 class SplitDataset:
-    dataset: object  # timm ImageDataset
-    root: Path
+    """One split of a dataset of any --dataset kind (sources.py), with what KD needs to know about its samples."""
+    dataset: object  # folder: timm ImageDataset; torch / hfds: sources.Selected; wds: shards.ShardDataset
+    root: Path | str  # folder: the split folder; otherwise a description for messages
     classes: list[str]
+    kind: str = "folder"
+    source: str = ""  # a digest of the data for kinds other than folders (the teacher cache's manifest)
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind == "wds"
+
+    def labels(self, why: str = "") -> np.ndarray:
+        """Every sample's label, without reading images; streamed shards cannot say up front."""
+        if self.kind == "folder":
+            samples = self.dataset.reader.samples
+            return np.fromiter((t for _, t in samples), dtype=np.int64, count=len(samples))
+        if self.streaming:
+            raise UserError(f"{why or 'this'} needs the label of every training sample up front, and WebDataset "
+                            "shards are streamed (labels are known only when read); use a folder, torch/ or hfds/ "
+                            "dataset")
+        return self.dataset.labels()
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the samples at ``indices`` (ascending)."""
+        if self.kind == "folder":
+            reader = self.dataset.reader
+            reader.samples = [reader.samples[i] for i in indices]
+        else:
+            self.dataset.indices = self.dataset.indices[np.asarray(indices, dtype=np.int64)]
+
+    def identity(self) -> str:
+        """A digest of which samples (and labels) the split holds: the teacher cache checks it."""
+        from ..teacher_cache import samples_digest
+        if self.kind == "folder":
+            return samples_digest(self.dataset.reader.samples, self.root)
+        import hashlib
+        h = hashlib.sha256(self.source.encode())
+        if not self.streaming:
+            h.update(np.asarray(self.dataset.indices, dtype=np.int64).tobytes())
+            h.update(self.dataset.labels().tobytes())
+        return h.hexdigest()
 
 
 def take_fraction(split: SplitDataset, fraction: float, seed: int = 0) -> None:
@@ -55,10 +95,8 @@ def take_fraction(split: SplitDataset, fraction: float, seed: int = 0) -> None:
         raise UserError(f"--train-fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return
-    import numpy as np
-    reader = split.dataset.reader
     by_class: dict[int, list[int]] = {}
-    for i, (_, target) in enumerate(reader.samples):
+    for i, target in enumerate(split.labels("--train-fraction (class-balanced)").tolist()):
         by_class.setdefault(target, []).append(i)
     rng = np.random.default_rng(seed)
     keep = []
@@ -66,13 +104,19 @@ def take_fraction(split: SplitDataset, fraction: float, seed: int = 0) -> None:
         idx = by_class[target]
         n = max(1, int(round(fraction * len(idx))))
         keep.extend(sorted(rng.choice(idx, size=n, replace=False).tolist()))
-    reader.samples = [reader.samples[i] for i in sorted(keep)]
+    split.keep(sorted(keep))
 
 
 def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0, log=None) -> None:
     """``policy`` 'fail': stop listing truncated / non-image files; 'skip': drop them and say how many;
     'off': no scan (for data already checked with ``vanillakd check-data``)."""
     if policy == "off":
+        return
+    if split.kind != "folder":
+        if log:
+            log(f"--bad-images: no start-up scan for --dataset {split.kind}/ (it checks image files; "
+                + ("shards are streamed, a bad sample stops the run naming its shard and key)" if split.streaming
+                   else "this dataset's images are decoded when read)"))
         return
     reader = split.dataset.reader
     bad = scan_images([p for p, _ in reader.samples], workers)
@@ -89,14 +133,27 @@ def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0,
         log(f"skipped {len(bad)} bad image file(s) in {split.root} (--bad-images skip)")
 
 
-def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> SplitDataset:
+def _load_class_map(path: str, split_dir: Path, folders: list[str]) -> dict:
+    """timm's class map file; names without a class folder are refused (timm would silently train without them)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--class-map {path} does not exist")
+    cmap = load_class_map(path)
+    extra = [c for c in cmap if c not in folders]
+    if extra:
+        raise UserError(f"--class-map {path} does not match the data: no class folder in {split_dir} for "
+                        f"{extra[:5]}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+    return cmap
+
+
+def build_split(split_dir: Path, is_training: bool, class_map: str = "", input_img_mode: str = "RGB") -> SplitDataset:
     """A timm ImageDataset for one split, after checking it has class folders and images in each."""
     folders = class_folders(split_dir)
     if not folders:
         raise UserError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image files>)")
-    cmap = load_class_map(class_map) if class_map else ""
+    cmap = _load_class_map(class_map, split_dir, folders) if class_map else ""
     try:
-        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap)
+        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap,
+                            input_img_mode=input_img_mode or "RGB")
     except RuntimeError as e:
         if "Found 0 images" not in str(e):
             raise
@@ -114,11 +171,14 @@ def build_split(split_dir: Path, is_training: bool, class_map: str = "") -> Spli
 
 
 def build_train_val(data_dir: str | os.PathLike, train_split: str = "train", val_split: str = "validation",
-                    class_map: str = "", num_classes: int | None = None) -> tuple[SplitDataset, SplitDataset, int]:
+                    class_map: str = "", num_classes: int | None = None,
+                    input_img_mode: str = "RGB") -> tuple[SplitDataset, SplitDataset, int]:
     """Train and val datasets with identical class lists, and the number of classes."""
     root = check_data_root(data_dir)
-    train = build_split(find_split(root, train_split), is_training=True, class_map=class_map)
-    val = build_split(find_split(root, val_split), is_training=False, class_map=class_map)
+    train = build_split(find_split(root, train_split), is_training=True, class_map=class_map,
+                        input_img_mode=input_img_mode)
+    val = build_split(find_split(root, val_split), is_training=False, class_map=class_map,
+                      input_img_mode=input_img_mode)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -132,5 +192,7 @@ def build_train_val(data_dir: str | os.PathLike, train_split: str = "train", val
     return train, val, n
 
 
-def build_eval_split(data_dir: str | os.PathLike, split: str = "validation", class_map: str = "") -> SplitDataset:
-    return build_split(find_split(check_data_root(data_dir), split), is_training=False, class_map=class_map)
+def build_eval_split(data_dir: str | os.PathLike, split: str = "validation", class_map: str = "",
+                     input_img_mode: str = "RGB") -> SplitDataset:
+    return build_split(find_split(check_data_root(data_dir), split), is_training=False, class_map=class_map,
+                       input_img_mode=input_img_mode)
