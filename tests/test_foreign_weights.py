@@ -362,3 +362,24 @@ def test_swin_original_layout_loads_without_a_false_resampling_note(tmp_path, ca
     assert not [r for r in caplog.records if "resampled" in r.getMessage()]
     x = torch.randn(1, 3, 224, 224)
     assert _close(_logits(got, x), _logits(src, x))
+
+
+def test_validate_refuses_fewer_classes_than_folders(tmp_path, capsys):
+    torch.save(timm.create_model("test_resnet", num_classes=2).state_dict(), tmp_path / "r2.pth")
+    data = make_image_folder(tmp_path / "data", per_class=(1, 1), size=32)
+    argv = [data, "--model", "test_resnet", "--checkpoint", tmp_path / "r2.pth", "--workers", "0", "--no-progress"]
+    assert run_cli(validate.cli, [*argv, "--num-classes", "2"]) == 2
+    assert "--num-classes 2 is fewer than the 3 classes" in capsys.readouterr().err
+    assert run_cli(validate.cli, argv) == 2
+    assert "has a 2-class head but" in capsys.readouterr().err
+
+
+def test_export_rebuilds_the_students_input_channels_and_pooling(tmp_path):
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=3, in_chans=1, global_pool="max")
+    torch.save({"arch": "test_resnet", "state_dict": net.state_dict(), "args": {"in_chans": 1, "gp": "max"}},
+               tmp_path / "g.pth.tar")
+    out = export_checkpoint(tmp_path / "g.pth.tar", tmp_path / "export")
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True)
+    x = torch.randn(2, 1, 32, 32)
+    assert _close(_logits(plain, x), _logits(net, x))

@@ -197,3 +197,12 @@ def test_start_epoch_moves_the_schedule(tiny_data, tmp_path, on_updates):
     assert [int(r["epoch"]) for r in rows] == [2, 3]
     for r in rows:
         assert float(r["lr"]) == pytest.approx(_expected_lr(int(r["epoch"]), 2.5e-3, on_updates, 2), rel=1e-9)
+
+
+def test_start_epoch_past_the_run_and_review_preact_elsewhere_are_one_line_errors(tiny_data, tmp_path, capsys):
+    base = [tiny_data, "--model", "test_resnet", "--kd-loss", "none", "--epochs", "2", "-b", "4",
+            "--img-size", "32", "--workers", "0", "--output", tmp_path, "--no-progress"]
+    assert run_cli(train_kd.cli, [*base, "--start-epoch", "2"]) == 2
+    assert "--start-epoch 2 leaves nothing to train: the run has 2 epochs" in capsys.readouterr().err
+    assert run_cli(train_kd.cli, [*base, "--review-preact"]) == 2
+    assert "--review-preact applies to --kd-loss review only" in capsys.readouterr().err

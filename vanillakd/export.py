@@ -37,16 +37,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if use_ema and not has_ema(ckpt):
         raise UserError(f"{checkpoint} holds no EMA weights (train with --model-ema)")
     state = select_state(ckpt, use_ema=use_ema, path=checkpoint)
-    num_classes = file_num_classes(arch, state)
+    build = _build_args(ckpt)
+    num_classes = file_num_classes(arch, state, **build)
     if num_classes is None:
         raise UserError(f"cannot find the classifier of {arch} in {checkpoint}")
-    net = timm.create_model(arch, num_classes=num_classes)
+    net = timm.create_model(arch, num_classes=num_classes, **build)
     fit_state(net, state, checkpoint, "model")
     data_config = ckpt.get("data_config", {}) if isinstance(ckpt, dict) else {}
     cfg = {k: v for k, v in net.pretrained_cfg.items() if k in _CFG_KEYS and v is not None}
     cfg.update({k: v for k, v in data_config.items() if k in _CFG_KEYS and v is not None})
     cfg["num_classes"] = num_classes
-    model_args = {}
+    model_args = dict(build)  # timm rebuilds the model with these before loading the weights
     if getattr(net, "dynamic_img_size", False) and hasattr(getattr(net, "patch_embed", None), "img_size"):
         # the model ran at the recorded input size without being built for it: timm must build it at its
         # own size (building it at the input size would resample its position embedding on load)
@@ -68,3 +69,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     atomic_write(out / "model.safetensors", lambda f: f.write(save_safetensors(tensors, metadata={"format": "pt"})))
     atomic_write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
     return out
+
+
+def _build_args(ckpt: object) -> dict[str, Any]:
+    """The model options the run built the student with (``--in-chans``, ``--gp``): without them the weights
+    would not fit (another first conv) or would silently compute something else (another pooling)."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else (args or {})
+    build = {"in_chans": args.get("in_chans"), "global_pool": args.get("gp")}
+    return {k: v for k, v in build.items() if v not in (None, "")}

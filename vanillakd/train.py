@@ -52,6 +52,12 @@ def _check_args(args: argparse.Namespace, settings: list) -> None:
             get_kd_loss_entry(name)
     if any(s.uses_teacher for s in settings):
         check_teacher_name(args.teacher)
+    if getattr(args, "review_preact", False) and "review" not in args.kd_loss:
+        raise UserError("--review-preact applies to --kd-loss review only")
+    total = args.epochs + getattr(args, "cooldown_epochs", 0)
+    start = getattr(args, "start_epoch", None)
+    if not getattr(args, "resume", None) and start and start >= total:
+        raise UserError(f"--start-epoch {start} leaves nothing to train: the run has {total} epochs")
 
 
 def _data_config(args: argparse.Namespace, model_name: str) -> dict:

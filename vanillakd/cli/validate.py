@@ -116,6 +116,9 @@ def _num_classes(args: argparse.Namespace, state: dict | None, data_classes: int
     """``--num-classes``, else the checkpoint's head size (a 1000-class ImageNet model evaluates on a folder
     of some of its classes, as timm's validate.py does), else the number of class folders."""
     if args.num_classes:
+        if args.num_classes < data_classes:
+            raise UserError(f"--num-classes {args.num_classes} is fewer than the {data_classes} classes in "
+                            f"{args.data_dir}: their labels cannot be scored")
         return args.num_classes
     if state is None:
         return data_classes
