@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli
 from dataset_files import trust_cifar_files, write_cifar, write_hf_disk, write_shards
 from vanillakd.cli import train_kd, validate
+from vanillakd.errors import UserError
 
 
 def refusal(capsys, argv, entry=train_kd.cli):
@@ -111,3 +112,32 @@ def test_input_img_mode_reaches_every_kind(tmp_path, monkeypatch):
     for data, name in ((folder, ""), (tmp_path / "c", "torch/cifar10")):
         train, _, _ = build_train_val_any(str(data), name, input_img_mode="L")
         assert train.dataset[0][0].mode == "L", name
+
+
+def test_class_map_with_a_name_listed_twice_is_one_line(tmp_path):
+    from vanillakd.data.folder import read_class_map
+    (tmp_path / "map.txt").write_text("fox\ndog\ncat\ncat\n")
+    with pytest.raises(UserError, match=r"indices are not 0..2, one per class"):
+        read_class_map(str(tmp_path / "map.txt"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_epoch_repeats_must_be_finite_and_not_negative(value):
+    from vanillakd.data.repeats import check_epoch_repeats
+    with pytest.raises(UserError, match="--epoch-repeats must be >= 0"):
+        check_epoch_repeats(float(value), 0)
+
+
+def test_dataset_download_creates_its_folder(tmp_path, monkeypatch):
+    """--dataset-download into a folder that does not exist yet: the folder is made, then the download runs
+    (here refused offline by a stand-in, which shows it was reached)."""
+    import timm.data
+    from vanillakd.data.sources import build_train_val_any
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(timm.data, "create_dataset", offline)
+    target = tmp_path / "new" / "cifar"
+    with pytest.raises(UserError, match="no network"):
+        build_train_val_any(str(target), "torch/cifar10", download=True)
+    assert target.is_dir()

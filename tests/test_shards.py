@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -159,3 +160,102 @@ def test_shards_through_a_pipe_command(shards):
         ds.configure(7, 3, 1, 1, 0)
         return ids(ds._train_items(0))
     assert first_epoch(f"pipe:cat {shards}/{{}}") == first_epoch(shards)
+
+
+# -------------------------------------------------------------------------- broken shards, resume, eval workers
+def _first_epoch(root, batch=2):
+    ds = dataset(root)
+    ds.configure(7, batch, 1, 1, 0)
+    return list(ds._train_items(0))
+
+
+def _refusal(root, what):
+    from vanillakd.errors import UserError
+    with pytest.raises(UserError) as e:
+        _first_epoch(root)
+    message = str(e.value)
+    assert "\n" not in message and what in message
+    return message
+
+
+def _lengths(root, split, lengths):
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"][split]["shard_lengths"] = lengths
+    (root / "_info.json").write_text(json.dumps(info))
+
+
+def test_a_short_shard_is_refused_naming_it(tmp_path):
+    """A truncated tar, or shard_lengths above what a shard holds, used to end the epoch early without a word."""
+    cut = write_shards(tmp_path / "cut", shards=2, per_shard=8)
+    tar = cut / "tiny-train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:len(tar.read_bytes()) // 2 + 100])
+    message = _refusal(cut, "tiny-train-000001.tar")
+    assert "holds 5 samples" in message and "_info.json states 8" in message
+    over = write_shards(tmp_path / "over", shards=2, per_shard=8)
+    _lengths(over, "train", [10, 10])
+    message = _refusal(over, "tiny-train-00000")  # whichever shard the epoch reads first
+    assert "holds 8 samples" in message and "_info.json states 10" in message
+    _lengths(over, "validation", [12])
+    from vanillakd.errors import UserError
+    with pytest.raises(UserError, match="tiny-validation-000000.tar holds 9 samples, but _info.json states 12"):
+        list(dataset(over, training=False))
+
+
+def test_an_unreadable_shard_is_a_one_line_error_naming_it(tmp_path):
+    garbage = write_shards(tmp_path / "garbage", shards=2, per_shard=8)
+    (garbage / "tiny-train-000001.tar").write_bytes(b"not a tar at all" * 100)
+    assert "ReadError" in _refusal(garbage, "cannot read shard " + str(garbage / "tiny-train-000001.tar"))
+    missing = write_shards(tmp_path / "missing", shards=2, per_shard=8)
+    (missing / "tiny-train-000001.tar").unlink()
+    assert "No such file" in _refusal(missing, "cannot read shard " + str(missing / "tiny-train-000001.tar"))
+    _refusal(f"pipe:cat {missing}/{{}}", f"cannot read shard pipe:cat {missing}/tiny-train-000001.tar")
+
+
+def test_resume_over_shards_keeps_the_last_short_accumulation(tmp_path, capsys):
+    """14 steps, --grad-accum-steps 4: a resume at step 12 must still make the epoch's last (2-batch) update. The
+    shard dataset's length ignored the resume point, so the loader's total was 12 + 14 and that update was lost."""
+    from conftest import run_cli, save_teacher
+    from vanillakd.cli import train_kd
+    data = write_shards(tmp_path / "data", shards=3, per_shard=10)  # 30 / (2 workers x batch 2): 7 batches a lane
+    teacher = save_teacher(tmp_path / "t.pth", "test_resnet", num_classes=3)
+
+    def argv(exp, *extra):
+        return [data, "--dataset", "wds/tiny", "--model", "test_resnet", "--teacher", "test_resnet",
+                "--teacher-pretrained", teacher, "--epochs", "1", "-b", "2", "--img-size", "32", "--workers", "2",
+                "--output", tmp_path, "--experiment", exp, "--no-progress", "--opt", "adamw", "--lr", "1e-3",
+                "--seed", "3", "--grad-accum-steps", "4", "--recovery-interval", "4", *extra]
+    assert run_cli(train_kd.cli, argv("full")) == 0
+    full = tmp_path / "full"
+    assert torch.load(full / "recovery.pth.tar", weights_only=True)["step"] == 12
+    stopped = tmp_path / "stopped"  # the run killed right after its last recovery point
+    stopped.mkdir()
+    shutil.copy(full / "recovery.pth.tar", stopped / "recovery.pth.tar")
+    capsys.readouterr()
+    assert run_cli(train_kd.cli, argv("stopped", "--resume", "auto")) == 0
+    a = torch.load(full / "last.pth.tar", weights_only=True)
+    b = torch.load(stopped / "last.pth.tar", weights_only=True)
+    assert a["num_updates"] == b["num_updates"] == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    err = capsys.readouterr().err
+    assert "continuing at epoch 0, step 12" in err and "[  14/14]" in err  # not [14/26]
+
+
+def test_eval_over_shards_with_workers_sees_every_image(shards, tmp_path):
+    """-b 2 --workers 3: the eval lanes were cut for batch 1, so the loader's 5 batches held 8 of the 9 images."""
+    from conftest import run_cli, save_teacher
+    from vanillakd.cli import validate
+    from vanillakd.data.loader import build_eval_loader
+    cfg = dict(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    loader = build_eval_loader(dataset(shards, training=False), cfg, 2, 3, torch.device("cpu"))
+    assert len(loader) == 5 and sum(x.shape[0] for _, (x, _) in zip(range(len(loader)), loader)) == 9
+    ckpt = save_teacher(tmp_path / "m.pth", "test_resnet", num_classes=3)
+    losses = []
+    for workers in ("0", "3"):
+        out = tmp_path / f"v{workers}.json"
+        assert run_cli(validate.cli, [shards, "--dataset", "wds/tiny", "--model", "test_resnet", "--checkpoint", ckpt,
+                                      "--img-size", "32", "-b", "2", "--workers", workers, "--results-file", out,
+                                      "--no-progress"]) == 0
+        result = json.loads(out.read_text())
+        assert result["images"] == 9
+        losses.append(result["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -196,3 +196,25 @@ def test_validate_reports_teacher_agreement(tiny_data, teacher_ckpt, tmp_path):
                                   "test_resnet", "--teacher-pretrained", teacher_ckpt, "--img-size", "32", "-j", "0",
                                   "--results-file", out]) == 0
     assert 0 <= json.loads(out.read_text())["agreement"] <= 100
+
+
+def test_one_channel_student_reads_rgb_images_as_greyscale(tiny_data, tmp_path):
+    """As timm's train.py: without --input-img-mode, a 1-channel input makes the loader convert to 'L'."""
+    argv = [tiny_data, "--model", "test_resnet", "--kd-loss", "none", "--in-chans", "1", "--epochs", "1", "-b", "4",
+            "--img-size", "32", "--workers", "0", "--output", tmp_path, "--experiment", "g", "--no-progress"]
+    assert run_cli(train_kd.cli, argv) == 0
+    state = torch.load(tmp_path / "g" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert next(iter(state.values())).shape[1] == 1
+
+
+@pytest.mark.parametrize("teacher_chans", [1, 3])
+def test_one_channel_run_builds_the_teacher_for_its_batch(tiny_data, tmp_path, teacher_chans):
+    """The teacher sees the students' batch: a greyscale teacher file loads as it is, an RGB one gets its first
+    conv adapted (timm's adapt_input_conv), and both distil."""
+    import timm
+    torch.save(timm.create_model("test_resnet", num_classes=3, in_chans=teacher_chans).state_dict(),
+               tmp_path / "t.pth")
+    argv = [tiny_data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained",
+            tmp_path / "t.pth", "--in-chans", "1", "--epochs", "1", "-b", "4", "--img-size", "32", "--workers", "0",
+            "--output", tmp_path, "--experiment", "g", "--no-progress"]
+    assert run_cli(train_kd.cli, argv) == 0

@@ -145,23 +145,27 @@ def teacher_input_adapter(model: nn.Module, student_config: dict, resize: int | 
 
 
 def create_teacher(name: str, num_classes: int, weights: str | None, resize: int | None = None,
-                   trust: bool = False, student_config: dict | None = None, log=None) -> FrozenTeacher:
-    """The teacher from a weights file, or from timm's pretrained weights / hub tag when no file is given."""
+                   trust: bool = False, student_config: dict | None = None, log=None,
+                   in_chans: int = 3) -> FrozenTeacher:
+    """The teacher from a weights file, or from timm's pretrained weights / hub tag when no file is given.
+
+    ``in_chans``: the channels of the batch it shares with the students (an RGB teacher's first conv is
+    adapted to greyscale input, as timm's loaders do)."""
     check_teacher_name(name)
     if weights:
         if not os.path.exists(weights):
             raise UserError(f"teacher checkpoint {weights} does not exist")
-        model = _create(name, False, num_classes=num_classes)
+        model = _create(name, False, num_classes=num_classes, in_chans=in_chans)
         load_weights(model, weights, what="teacher", use_ema=True, trust=trust)
     else:
-        model = _pretrained_teacher(name, num_classes)
+        model = _pretrained_teacher(name, num_classes, in_chans)
     renorm = None
     if student_config is not None:
         resize, renorm = teacher_input_adapter(model, student_config, resize, log)
     return FrozenTeacher(model, resize, renorm)
 
 
-def _pretrained_teacher(name: str, num_classes: int) -> nn.Module:
+def _pretrained_teacher(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
     """timm's pretrained weights (a name, ``name.tag``, or an ``hf-hub:`` / ``local-dir:`` source)."""
     if not name.startswith(("hf-hub:", "local-dir:")):
         cfg = timm.models.get_pretrained_cfg(name.split(".")[0] if "." in name else name)
@@ -172,4 +176,4 @@ def _pretrained_teacher(name: str, num_classes: int) -> nn.Module:
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not name.startswith("local-dir:"):
         raise UserError(f"HF_HUB_OFFLINE is set, so timm's pretrained weights for teacher {name} cannot be "
                         "fetched; pass --teacher-pretrained PATH (a .pth / .safetensors file)")
-    return _create(name, True, num_classes=num_classes)
+    return _create(name, True, num_classes=num_classes, in_chans=in_chans)

@@ -19,7 +19,7 @@ from timm.utils import distribute_bn
 
 from .checkpoint import atomic_save, load_file, plain, set_rng_state
 from .data.folder import SplitDataset, drop_bad_images, take_fraction
-from .data.sources import build_train_val_any, dataset_kind
+from .data.sources import build_train_val_any, dataset_kind, image_mode
 from .data.loader import build_eval_loader, build_train_loader, set_epoch
 from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed, replicas_in_sync, teardown
@@ -136,7 +136,7 @@ def load_training_data(args: argparse.Namespace):
     """(train split, val split, number of classes), bad images handled and the train fraction taken."""
     train_split, val_split, num_classes = build_train_val_any(
         args.data_dir, args.dataset, args.train_split, args.val_split, args.class_map, args.num_classes,
-        download=getattr(args, "dataset_download", False), input_img_mode=getattr(args, "input_img_mode", "RGB"))
+        download=getattr(args, "dataset_download", False), input_img_mode=image_mode(getattr(args, "input_img_mode", None), args.in_chans, args.input_size))
     for split in (train_split, val_split):
         drop_bad_images(split, args.bad_images, args.workers, log.info)
     take_fraction(train_split, args.train_fraction, args.train_subset_seed)
@@ -173,7 +173,7 @@ def _build_teacher(args, settings, num_classes: int, device: torch.device, data_
         return None, None
     entries = [get_kd_loss_entry(s.kd_loss) for s in users]
     teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, args.teacher_resize,
-                             trust=args.trust_checkpoint, log=log.info,
+                             trust=args.trust_checkpoint, log=log.info, in_chans=int(data_config["input_size"][0]),
                              student_config=data_config if args.teacher_norm == "auto" else None)
     shapes = None
     if any(e.needs == "features" for e in entries):

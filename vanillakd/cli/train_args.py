@@ -49,7 +49,9 @@ def add_dataset_flags(g, splits: bool = True) -> None:
         g.add_argument("--val-split", default="validation",
                        help="val split; 'validation' also finds val/, eval/ (and test where there is no val)")
     g.add_argument("--class-map", default="", help="file mapping class names to class indices (timm's format)")
-    g.add_argument("--input-img-mode", default="RGB", help="PIL mode images are converted to (RGB, L, ...)")
+    g.add_argument("--input-img-mode", default=None,
+                   help="PIL mode images are converted to (RGB, L, ...); default, as timm: L for a 1-channel input "
+                        "(--in-chans 1 / --input-size 1 H W), else RGB")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -55,7 +55,7 @@ def validate(args: argparse.Namespace) -> dict:
     import torch
     from timm.data import resolve_data_config
 
-    from ..data.sources import build_eval_split_any
+    from ..data.sources import build_eval_split_any, image_mode
     from ..data.loader import build_eval_loader
     from ..engine import evaluate
     from ..models import create_student, create_teacher
@@ -69,7 +69,7 @@ def validate(args: argparse.Namespace) -> dict:
     if not args.checkpoint and not args.pretrained:
         raise UserError("give --checkpoint PATH (or --pretrained for timm's own weights)")
     split = build_eval_split_any(args.data_dir, args.dataset, args.split, args.class_map, args.dataset_download,
-                                 args.input_img_mode, args.num_classes)
+                                 image_mode(args.input_img_mode, args.in_chans, args.input_size), args.num_classes)
     state = _checkpoint_state(args) if args.checkpoint else None
     num_classes = _num_classes(args, state, len(split.classes))
     device = resolve_device(args.device)
@@ -83,7 +83,8 @@ def validate(args: argparse.Namespace) -> dict:
         model.to(memory_format=torch.channels_last)
     teacher = None
     if args.teacher:
-        teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, trust=args.trust_checkpoint)
+        teacher = create_teacher(args.teacher, num_classes, args.teacher_pretrained, trust=args.trust_checkpoint,
+                                 in_chans=args.in_chans or 3)
         teacher.to(device)
     flags = {k: getattr(args, k) for k in ("input_size", "img_size", "crop_pct", "crop_mode", "mean", "std",
                                            "interpolation", "in_chans")}

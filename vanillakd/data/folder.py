@@ -133,11 +133,21 @@ def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0,
         log(f"skipped {len(bad)} bad image file(s) in {split.root} (--bad-images skip)")
 
 
-def _load_class_map(path: str, split_dir: Path, folders: list[str]) -> dict:
-    """timm's class map file; names without a class folder are refused (timm would silently train without them)."""
+def read_class_map(path: str) -> dict:
+    """timm's class map file, whose indices must be 0..N-1, each once: a name listed twice in a text map
+    would leave an index without a class and put another past the head."""
     if not os.path.isfile(path):
         raise UserError(f"--class-map {path} does not exist")
     cmap = load_class_map(path)
+    if sorted(cmap.values()) != list(range(len(cmap))):
+        raise UserError(f"--class-map {path}: its indices are not 0..{len(cmap) - 1}, one per class (a name "
+                        "listed twice?)")
+    return cmap
+
+
+def _load_class_map(path: str, split_dir: Path, folders: list[str]) -> dict:
+    """timm's class map file; names without a class folder are refused (timm would silently train without them)."""
+    cmap = read_class_map(path)
     extra = [c for c in cmap if c not in folders]
     if extra:
         raise UserError(f"--class-map {path} does not match the data: no class folder in {split_dir} for "

@@ -137,7 +137,8 @@ def build_eval_loader(dataset: Any, data_config: dict, batch_size: int, workers:
                       distributed: bool = False, pin_memory: bool = False) -> Any:
     """Center-cropped, normalised batches in a fixed order."""
     if isinstance(dataset, ShardDataset):
-        dataset.set_loader_cfg(workers)  # shards: one lane per worker, ranks from the process group
+        # shards: one lane per worker, cut in whole batches of this size; ranks from the process group
+        dataset.set_loader_cfg(workers, batch_size)
     return create_loader(
         dataset, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
         use_prefetcher=True, interpolation=data_config["interpolation"], mean=data_config["mean"],

@@ -19,7 +19,7 @@ from ..errors import UserError
 
 
 def check_epoch_repeats(value: float, aug_repeats: int) -> None:
-    if value < 0:
+    if not math.isfinite(value) or value < 0:
         raise UserError(f"--epoch-repeats must be >= 0 (0 = once per epoch), got {value}")
     if value and aug_repeats:
         raise UserError("--epoch-repeats and --aug-repeats both change the epoch's sampler; use one of them")

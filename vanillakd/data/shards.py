@@ -49,6 +49,15 @@ class Piece:
     stop: int
 
 
+def _reason(e: BaseException) -> str:
+    """One line from webdataset's errors (which append the stream and the url to ``args``)."""
+    if isinstance(e, OSError) and isinstance(e.strerror, str):
+        text = e.strerror
+    else:
+        text = str(e.args[0]) if e.args else ""
+    return " ".join(f"{type(e).__name__}: {text}".split())
+
+
 def epoch_order(num_shards: int, seed: int, epoch: int, copies: int) -> list[int]:
     """The shards in the epoch's order: ``copies`` independent permutations, one after the other."""
     order: list[int] = []
@@ -98,10 +107,14 @@ class ShardDataset(IterableDataset):
         self.seed, self.batch_size, self.lanes = seed, batch_size, max(1, workers)
         self.world_size, self.rank, self.repeats = world_size, rank, repeats or 1.0
 
-    def set_loader_cfg(self, num_workers: int | None = None) -> None:
-        """timm's create_loader calls this on iterable datasets (eval loaders)."""
+    def set_loader_cfg(self, num_workers: int | None = None, batch_size: int | None = None) -> None:
+        """The eval loader's workers and batch size (build_eval_loader). The lanes must be cut in whole
+        batches of the loader's size: cut for another, their partial batches add up to more than the
+        ceil(n / batch) batches the loader's length promises, and evaluate stops before the last ones."""
         if not self.training:
             self.lanes = max(1, num_workers or 0)
+            if batch_size:
+                self.batch_size = batch_size
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 self.world_size, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
 
@@ -143,21 +156,37 @@ class ShardDataset(IterableDataset):
 
     def __len__(self) -> int:
         if self.training:
-            return self.lanes * self.batches_per_lane() * self.batch_size
+            # the rank's samples from the resume point on, as StreamSampler counts them (the loader's length,
+            # len // batch, is then the batches left: train_one_epoch's total = start_step + len(loader))
+            return max(self.lanes * self.batches_per_lane() - self.start_step, 0) * self.batch_size
         lo, hi = self._eval_rank_range()
         return hi - lo
 
     # -- reading ----------------------------------------------------------------------------------------
     def _raw(self, pieces: list[Piece]) -> Iterator[tuple[int, dict]]:
-        """``(shard, sample dict of raw bytes)`` for every sample of ``pieces``, read sequentially."""
+        """``(shard, sample dict of raw bytes)`` for every sample of ``pieces``, read sequentially.
+
+        A shard that cannot be read (missing, not a tar, a failing ``pipe:`` command) or holds fewer samples
+        than ``_info.json`` states (truncated) is a UserError naming it: webdataset would raise a traceback, or
+        just end early and leave the epoch silently short."""
+        import tarfile
+
         import webdataset as wds
         for piece in pieces:
-            samples = wds.tarfile_to_samples()(iter([{"url": self.urls[piece.shard]}]))
-            for i, sample in enumerate(samples):
-                if i >= piece.stop:
-                    break
+            url = self.urls[piece.shard]
+            samples = iter(wds.tarfile_to_samples()(iter([{"url": url}])))
+            i = 0
+            while i < piece.stop:
+                try:
+                    sample = next(samples)
+                except StopIteration:
+                    raise UserError(f"shard {url} holds {i} samples, but _info.json states "
+                                    f"{self.lengths[piece.shard]} (truncated, or wrong shard_lengths)") from None
+                except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+                    raise UserError(f"cannot read shard {url}: {_reason(e)}") from None
                 if i >= piece.start:
                     yield piece.shard, sample
+                i += 1
 
     def _shuffled(self, raw: Iterator, lane: int) -> Iterator:
         rng = np.random.default_rng(mix_seed(self.seed, self.epoch, self.rank, lane, 0xB0F))

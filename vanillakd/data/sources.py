@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .folder import SplitDataset, build_train_val, build_eval_split
+from .folder import SplitDataset, build_eval_split, build_train_val, read_class_map
 
 TRAIN_NAMES = ("train", "training")
 EVAL_NAMES = ("validation", "val", "valid", "eval", "evaluation", "test")
@@ -78,10 +78,7 @@ class Selected(torch.utils.data.Dataset):
 
 def _class_map(path: str, classes: list[str], where: str) -> tuple[np.ndarray, list[str]]:
     """(label map old -> new, new class list) for a --class-map file over a dataset's ``classes``."""
-    from timm.data.readers.class_map import load_class_map
-    if not os.path.isfile(path):
-        raise UserError(f"--class-map {path} does not exist")
-    cmap = load_class_map(path)
+    cmap = read_class_map(path)
     missing = [c for c in classes if c not in cmap]
     extra = [c for c in cmap if c not in classes]
     if missing or extra:
@@ -125,9 +122,12 @@ def _torch_split(name: str, root: str, split: str, download: bool, class_map: st
                             download=download)
     except AssertionError as e:
         raise UserError(f"--dataset torch/{name}: {e or 'not a torchvision dataset timm supports'}") from None
-    except RuntimeError as e:
+    except ImportError as e:  # e.g. torchvision's ImageNet needs scipy
+        raise UserError(f"--dataset torch/{name} needs a package that is not installed: {e}") from None
+    except (RuntimeError, OSError) as e:
         hint = "" if download else "; pass --dataset-download to fetch it"
-        raise UserError(f"--dataset torch/{name} in {root}: {str(e).splitlines()[0]}{hint}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--dataset torch/{name} in {root}: {first}{hint}") from None
     targets = getattr(ds, "targets", None)
     if targets is None:
         raise UserError(f"--dataset torch/{name}: the dataset has no label list (targets); not supported here")
@@ -238,6 +238,14 @@ def build_split_any(dataset: str, data_dir: str, split: str, training: bool, cla
     return _wds_split(rest, data_dir, split, class_map, mode, training, num_classes)
 
 
+def image_mode(flag: str | None, in_chans: int | None = None, input_size=None) -> str:
+    """``--input-img-mode``, else timm's train.py rule: greyscale ('L') for a 1-channel model input."""
+    if flag:
+        return flag
+    channels = input_size[0] if input_size else in_chans
+    return "L" if channels == 1 else "RGB"
+
+
 def build_train_val_any(data_dir: str, dataset: str = "", train_split: str = "train",
                         val_split: str = "validation", class_map: str = "", num_classes: int | None = None,
                         download: bool = False,
@@ -246,12 +254,15 @@ def build_train_val_any(data_dir: str, dataset: str = "", train_split: str = "tr
     kind, _ = dataset_kind(dataset)
     if kind == "folder":
         return build_train_val(data_dir, train_split, val_split, class_map, num_classes, input_img_mode)
+    if kind == "torch" and download:
+        try:  # the download creates its folder, as timm's does
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create data dir {data_dir}: {e.strerror or e}") from None
     if kind != "hfds" and not str(data_dir).startswith(("pipe:", "http:", "https:", "s3:", "gs:", "file:")) \
             and not os.path.isdir(data_dir):
         raise UserError(f"data dir {data_dir} does not exist" + ("; pass --dataset-download to fetch the dataset "
                         "into it" if kind == "torch" and not download else ""))
-    if kind == "torch" and download:
-        os.makedirs(data_dir, exist_ok=True)
     common = dict(class_map=class_map, download=download, input_img_mode=input_img_mode, num_classes=num_classes)
     train = build_split_any(dataset, data_dir, train_split, True, **common)
     val = build_split_any(dataset, data_dir, val_split, False, **common)
