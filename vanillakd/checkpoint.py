@@ -95,12 +95,19 @@ def _allow_namespace():
     return safe_globals([argparse.Namespace])
 
 
-def mismatch_message(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
-    """Missing / unexpected / mis-shaped keys of ``state`` against ``module``, in one line (None if it fits)."""
+def mismatched_keys(module: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    """(missing, unexpected, mis-shaped) keys of ``state`` against ``module``."""
     model_state = module.state_dict()
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]
     wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    return missing, unexpected, wrong
+
+
+def mismatch_message(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Missing / unexpected / mis-shaped keys of ``state`` against ``module``, in one line (None if it fits)."""
+    missing, unexpected, wrong = mismatched_keys(module, state)
+    model_state = module.state_dict()
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")

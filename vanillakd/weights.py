@@ -22,7 +22,7 @@ import torch
 from timm.models import clean_state_dict
 from torch import nn
 
-from .checkpoint import load_file, mismatch_message
+from .checkpoint import load_file, mismatch_message, mismatched_keys
 from .errors import UserError
 
 log = logging.getLogger("vanillakd")
@@ -65,8 +65,6 @@ def select_state(ckpt: object, use_ema: bool = False, path: str | os.PathLike = 
                             f"{', '.join(_STATE_KEYS + EMA_STATE_KEYS)})")
         state = ckpt
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"{path} holds no tensors under its weights key")
     # timm's clean_state_dict strips the DDP / compile wrappers; before timm 1.0.31 it took them in one order
     # only, so repeat it until the keys stop changing (``torch.compile(DDP(model))`` gives _orig_mod.module.)
     while True:
@@ -151,21 +149,13 @@ def _call_filter(fn: Callable, state: dict, model: nn.Module) -> dict:
     return fn(dict(state), model) if len(params) >= 2 else fn(dict(state))
 
 
-def _mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
-    model_state = module.state_dict()
-    missing = [k for k in model_state if k not in state]
-    unexpected = [k for k in state if k not in model_state]
-    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
-    return missing, unexpected, wrong
-
-
 def adapt_state(model: nn.Module, state: dict, notes: list[str] | None = None) -> dict:
     """``state`` in the model's own layout: as it is when it already fits, else through timm's filter for
     the model's family (which maps foreign layouts, drops derived buffers, resamples position tables), then
     what timm's pretrained loader and torch's strict load also do: the first conv adapted to the model's
     input channels, BatchNorm counters the file predates filled in. ``notes`` collects what changed a tensor."""
     notes = [] if notes is None else notes
-    if not any(_mismatch(model, state)):
+    if not any(mismatched_keys(model, state)):
         return state
     state = _finish(model, _filtered(model, state, notes), notes)
     return state
@@ -226,7 +216,7 @@ def _finish(model: nn.Module, state: dict, notes: list[str]) -> dict:
 
 
 def _score(model: nn.Module, state: Mapping) -> int:
-    return sum(len(x) for x in _mismatch(model, state))
+    return sum(len(x) for x in mismatched_keys(model, state))
 
 
 def classifier_names(model_or_cfg) -> list[str]:
@@ -235,20 +225,13 @@ def classifier_names(model_or_cfg) -> list[str]:
     return [classifier] if isinstance(classifier, str) else list(classifier)
 
 
-def state_num_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
-    """The size of the classifier head stored in an (adapted) state, if it has one."""
-    for name in classifier_names(model):
+def state_num_classes(model_or_cfg, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The size of the classifier head stored in an (adapted) state, if it has one; the classifier's name
+    comes from the model's (or a pretrained config's) ``classifier``."""
+    for name in classifier_names(model_or_cfg):
         w = state.get(f"{name}.weight")
         if isinstance(w, torch.Tensor) and w.ndim >= 1:
             return int(w.shape[0])
-    return None
-
-
-def _model_num_classes(model: nn.Module) -> int | None:
-    model_state = model.state_dict()
-    for name in classifier_names(model):
-        if f"{name}.weight" in model_state:
-            return int(model_state[f"{name}.weight"].shape[0])
     return None
 
 
@@ -257,7 +240,7 @@ def fit_state(model: nn.Module, state: dict, path: str | os.PathLike, what: str 
     explaining a head-size mismatch or missing / unexpected / mis-shaped keys in one line."""
     notes: list[str] = []
     state = adapt_state(model, state, notes)
-    file_classes, model_classes = state_num_classes(model, state), _model_num_classes(model)
+    file_classes, model_classes = state_num_classes(model, state), state_num_classes(model, model.state_dict())
     if file_classes is not None and model_classes is not None and file_classes != model_classes:
         raise UserError(f"{what} checkpoint {path} has a {file_classes}-class head but the {what} is built with "
                         f"{model_classes} classes (--num-classes / the dataset)")
@@ -281,9 +264,8 @@ def file_num_classes(arch: str, state: dict, **model_kwargs) -> int | None:
     name its head differently, e.g. Facebook's ConvNeXt ``head.weight`` for timm's ``head.fc.weight``)."""
     import timm
     cfg = timm.models.get_pretrained_cfg(arch)
-    for name in classifier_names(cfg.to_dict() if cfg is not None else {}):
-        w = state.get(f"{name}.weight")
-        if isinstance(w, torch.Tensor) and w.ndim >= 1:
-            return int(w.shape[0])  # timm's own layout: no model needs building to know
+    known = state_num_classes(cfg.to_dict() if cfg is not None else {}, state)
+    if known is not None:
+        return known  # timm's own layout: no model needs building to know
     probe = timm.create_model(arch, **model_kwargs)
     return state_num_classes(probe, adapt_state(probe, state))
