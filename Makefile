@@ -10,7 +10,7 @@ TIMM_FLOOR := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 
-.PHONY: setup fashion-mnist demo test test-floor bench clean
+.PHONY: setup fashion-mnist demo test test-floor lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,12 +36,17 @@ fashion-mnist:
 demo: setup fashion-mnist
 	HF_HUB_OFFLINE=1 $(PY) -m vanillakd demo --data $(DATA)
 
+# lint and import order first (ruff, configured in pyproject.toml), then the suite
 test: setup fashion-mnist
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 test-floor: $(FLOOR_VENV)/.installed fashion-mnist
 	@$(FLOOR_PY) -c "import timm; assert timm.__version__ == '$(TIMM_FLOOR)', timm.__version__"
 	HF_HUB_OFFLINE=1 $(FLOOR_PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m vanillakd bench --threads 1 --json benchmarks/results/bench_cpu.json

@@ -87,7 +87,7 @@ smoke setup 40 "$PY" - "$WORK" "$S_TEACHER" "$S_CLASSES" "$(( (S_STEPS + 1) * S_
 import sys, time
 from pathlib import Path
 import timm, torch
-from vanillakd.data.bench_data import write_jpegs
+from vanillakd.tools.bench_data import write_jpegs
 work, teacher, classes, n_train, n_val, w, h = sys.argv[1:]
 t0 = time.perf_counter()
 for split, n, seed in (("train", int(n_train), 0), ("val", int(n_val), 1)):

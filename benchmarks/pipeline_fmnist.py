@@ -34,7 +34,7 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from vanillakd.train import run_argv
+    from vanillakd.cli.run_config import run_train_argv as run_argv
     if a.device == "cpu":
         torch.set_num_threads(1)
     out = Path(a.out)

@@ -70,6 +70,20 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
                           cwd=REPO, env=env)
 
 
+def make_student(flags, num_classes: int, out_dir: Path, *, device: torch.device = torch.device("cpu"),
+                 precision=None, updates_per_epoch: int = 10, loss_kind: str = "logits", **context):
+    """The first student of parsed training flags (an argparse namespace or a ``RunConfig``), built as a run
+    builds it; ``context``: the rest of its ``StudentContext`` (teacher_shapes, num_data, input_size, dist)."""
+    from vanillakd.cli.run_config import run_config
+    from vanillakd.config import RunConfig
+    from vanillakd.precision import Precision
+    from vanillakd.student import StudentContext, StudentRun
+    cfg = flags if isinstance(flags, RunConfig) else run_config(flags)
+    ctx = StudentContext(device, precision or Precision.create(device, False), num_classes, updates_per_epoch,
+                         loss_kind=loss_kind, **context)
+    return StudentRun(0, cfg.students[0], cfg, ctx, out_dir)
+
+
 def run_cli(entry, argv, capsys=None) -> int:
     """Run a ``cli(argv)`` entry point in-process and return its exit code."""
     try:

@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from vanillakd.cli.run_config import run_config
 from vanillakd.cli.train_args import build_train_parser, parse_train_args
 from vanillakd.data.loader import build_train_loader, set_epoch
 from vanillakd.data.sources import build_train_val_any
@@ -14,12 +15,12 @@ from vanillakd.data.sources import build_train_val_any
 def main(data_dir: str, out: str, workers: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    args = parse_train_args(build_train_parser("t", ""), [data_dir, "--dataset", "wds/tiny", "-b", "3", "--workers",
-                                                          workers, "--no-aug", "--seed", "1"])
+    cfg = run_config(parse_train_args(build_train_parser("t", ""), [data_dir, "--dataset", "wds/tiny", "-b", "3",
+                                                                    "--workers", workers, "--no-aug", "--seed", "1"]))
     train, _, n = build_train_val_any(data_dir, "wds/tiny")
     config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
               "crop_pct": 1.0}
-    loader = build_train_loader(train.dataset, config, args, n, torch.device("cpu"), dist.get_world_size(), rank)
+    loader = build_train_loader(train.dataset, config, cfg, n, torch.device("cpu"), dist.get_world_size(), rank)
     seen = {}
     for epoch in (0, 1):
         set_epoch(loader, epoch)

@@ -9,9 +9,9 @@ import timm
 import torch
 
 from vanillakd.checkpoint import atomic_save, load_file, plain
+from vanillakd.errors import UserError
 from vanillakd.weights import load_weights
 from vanillakd.weights import select_state as extract_state_dict
-from vanillakd.errors import UserError
 
 
 class Evil:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from vanillakd.compare import main as compare_main
+from vanillakd.cli.compare import main as compare_main
 from vanillakd.data.folder import build_train_val, take_fraction
 from vanillakd.errors import UserError
 from vanillakd.errors import run_cli as wrap
@@ -81,7 +81,7 @@ def test_train_fraction_is_class_balanced_and_deterministic(tmp_path):
 
 
 def test_grid_yaml_and_flag_override(tmp_path):
-    from vanillakd.compare import load_grid
+    from vanillakd.cli.compare import load_grid
     cfg = tmp_path / "grid.yaml"
     cfg.write_text("data_dir: /data\nmodel: test_resnet\nteacher: resnet18\nteacher_pretrained: t.pth\n"
                    "methods: [none, kd]\nfractions: [0.1, 1.0]\nseeds: [0, 1, 2]\nrecipe: [--epochs, '3']\n")

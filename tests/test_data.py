@@ -1,7 +1,6 @@
 """Datasets and loaders: ImageFolder checks, Fashion-MNIST preparation, loader batches."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import struct
 
@@ -10,7 +9,9 @@ import pytest
 import torch
 
 from conftest import make_image_folder
+from vanillakd.cli.run_config import run_config
 from vanillakd.cli.train_args import build_train_parser
+from vanillakd.config import RunConfig
 from vanillakd.data.fashion_mnist import CLASSES, is_prepared, make_subset, prepare_fashion_mnist, read_idx
 from vanillakd.data.folder import build_train_val, find_split
 from vanillakd.data.loader import build_train_loader, set_epoch
@@ -87,11 +88,10 @@ def test_train_val_classes_and_labels(tmp_path):
     assert labels == [0, 1, 2]
 
 
-def loader_args(**overrides) -> argparse.Namespace:
-    args = build_train_parser("t", "").parse_args(["x", "-b", "4", "--workers", "0"])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+def loader_args(**overrides) -> RunConfig:
+    """``-b 4 --workers 0`` and each override as its flag (``aug_repeats=3`` -> ``--aug-repeats 3``)."""
+    flags = [a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return run_config(build_train_parser("t", "").parse_args(["x", "-b", "4", "--workers", "0", *flags]))
 
 
 def test_train_loader_batches_mixup_targets_and_repeats(tiny_data):

@@ -132,6 +132,7 @@ def test_dataset_download_creates_its_folder(tmp_path, monkeypatch):
     """--dataset-download into a folder that does not exist yet: the folder is made, then the download runs
     (here refused offline by a stand-in, which shows it was reached)."""
     import timm.data
+
     from vanillakd.data.sources import build_train_val_any
 
     def offline(*a, **k):

@@ -84,7 +84,8 @@ def test_train_resume_cache_validate(dataset, teacher, tmp_path, capsys):
     assert "continuing at epoch 1, step 3" in capsys.readouterr().err
     a = torch.load(full / "last.pth.tar", weights_only=True)
     b = torch.load(stopped / "last.pth.tar", weights_only=True)
-    assert same_weights(a["state_dict"], b["state_dict"]) and rows(full / "summary.csv") == rows(stopped / "summary.csv")
+    assert same_weights(a["state_dict"], b["state_dict"])
+    assert rows(full / "summary.csv") == rows(stopped / "summary.csv")
 
     cache = tmp_path / "cache"
     assert cache_teacher.main([str(x) for x in argv(data, name, teacher, tmp_path, "c", *extra)]
@@ -94,7 +95,8 @@ def test_train_resume_cache_validate(dataset, teacher, tmp_path, capsys):
     assert run_cli(train_kd.cli, argv(data, name, teacher, tmp_path, "cached", *extra, "--teacher-cache", cache)) == 0
     c = torch.load(tmp_path / "cached" / "last.pth.tar", weights_only=True)
     # the cache holds full float32 logits of the same stream: the same training to float rounding
-    assert all(torch.allclose(a["state_dict"][k].float(), c["state_dict"][k].float(), atol=1e-4) for k in a["state_dict"])
+    assert all(torch.allclose(a["state_dict"][k].float(), c["state_dict"][k].float(), atol=1e-4)
+               for k in a["state_dict"])
     assert rows(tmp_path / "cached" / "summary.csv")[-1]["eval_agreement"] != ""
     if name.startswith("wds"):  # the shard stream's order depends on the worker count: the cache says so
         capsys.readouterr()
@@ -140,8 +142,7 @@ def test_train_fraction_and_class_map(dataset, teacher, tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["torch/cifar10"], indirect=True)
 def test_compare_and_report_take_the_dataset_flags(dataset, teacher, tmp_path, capsys):
-    from vanillakd import compare
-    from vanillakd.cli import report
+    from vanillakd.cli import compare, report
     data, name, _ = dataset
     out = tmp_path / "cmp"
     assert compare.main([str(data), "--dataset", name, "--model", "test_resnet", "--methods", "none", "kd",

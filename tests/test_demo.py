@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from conftest import run_cli
-from vanillakd.demo import main as demo_main
+from vanillakd.cli.demo import main as demo_main
 from vanillakd.errors import run_cli as wrap
 
 TINY = ["--teacher-model", "test_resnet", "--teacher-per-class", "12", "--teacher-epochs", "1",

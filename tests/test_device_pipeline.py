@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from timm.data import create_dataset
 
+from vanillakd.cli.run_config import run_config, run_train_argv
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.data.device_pipeline import DeviceAugmentConfig, DeviceStreamDataset, jpeg_header
 from vanillakd.data.loader import build_train_loader, set_epoch
@@ -20,8 +21,8 @@ CONFIG = {"input_size": (3, 32, 32), "mean": MEAN, "std": STD}
 
 
 def _args(*flags: str):
-    return build_train_parser("t", "").parse_args(["x", "--img-size", "32", "--workers", "0",
-                                                   "--data-pipeline", "gpu", *flags])
+    return run_config(build_train_parser("t", "").parse_args(["x", "--img-size", "32", "--workers", "0",
+                                                              "--data-pipeline", "gpu", *flags]))
 
 
 def _mixed_folder(root: Path) -> Path:
@@ -61,7 +62,7 @@ def test_jpeg_header_reads_kind_size_and_components(tmp_path):
 def test_worker_sends_jpeg_bytes_and_decodes_other_files(tmp_path):
     root = _mixed_folder(tmp_path)
     ds = create_dataset("", root=str(root), is_training=True)
-    view = DeviceStreamDataset(ds, DeviceAugmentConfig.from_args(_args(), CONFIG), seed=0)
+    view = DeviceStreamDataset(ds, DeviceAugmentConfig.from_aug(_args().aug, CONFIG), seed=0)
     kinds = {}
     for i, (path, _) in enumerate(ds.reader.samples):
         payload, target, params, key = view[(0, i, i)]
@@ -167,8 +168,8 @@ def test_stream_replays_whatever_the_worker_count(tmp_path):
              "--mixup-mode", "elem")
     a, _ = _loader(root, *flags)
     ds = create_dataset("", root=str(root), is_training=True)
-    b = build_train_loader(ds, CONFIG, build_train_parser("t", "").parse_args(
-        ["x", "--img-size", "32", "--workers", "2", "--data-pipeline", "gpu", *flags]), 5, torch.device("cpu"))
+    b = build_train_loader(ds, CONFIG, run_config(build_train_parser("t", "").parse_args(
+        ["x", "--img-size", "32", "--workers", "2", "--data-pipeline", "gpu", *flags])), 5, torch.device("cpu"))
     out = []
     for loader in (a, b):
         set_epoch(loader, 1)
@@ -180,35 +181,33 @@ def test_stream_replays_whatever_the_worker_count(tmp_path):
 
 def test_unsupported_policy_is_refused_in_one_line():
     with pytest.raises(UserError, match="--data-pipeline gpu supports RandAugment"):
-        DeviceAugmentConfig.from_args(_args("--aa", "original"), CONFIG)
+        DeviceAugmentConfig.from_aug(_args("--aa", "original").aug, CONFIG)
     with pytest.raises(UserError, match="--train-interpolation"):
-        DeviceAugmentConfig.from_args(_args("--train-interpolation", "lanczos"), CONFIG)
+        DeviceAugmentConfig.from_aug(_args("--train-interpolation", "lanczos").aug, CONFIG)
 
 
 def test_colour_jitter_without_policy_follows_timm(tmp_path):
-    assert DeviceAugmentConfig.from_args(_args(), CONFIG).color_jitter == 0.4
-    cfg = DeviceAugmentConfig.from_args(_args("--aa", "rand-m7-mstd0.5"), CONFIG)
+    assert DeviceAugmentConfig.from_aug(_args().aug, CONFIG).color_jitter == 0.4
+    cfg = DeviceAugmentConfig.from_aug(_args("--aa", "rand-m7-mstd0.5").aug, CONFIG)
     assert cfg.color_jitter is None and cfg.rand_augment is not None
 
 
 def test_train_kd_with_the_device_pipeline(tiny_data, teacher_ckpt, tmp_path):
-    from vanillakd.train import run_argv
-    res = run_argv([str(tiny_data), "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained",
-                    str(teacher_ckpt), "--img-size", "32", "-b", "4", "--epochs", "1", "--workers", "1",
-                    "--data-pipeline", "gpu", "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0",
-                    "--output", str(tmp_path), "--experiment", "gpu", "--no-progress"])
+    res = run_train_argv([str(tiny_data), "--model", "test_resnet", "--teacher", "test_resnet",
+                          "--teacher-pretrained", str(teacher_ckpt), "--img-size", "32", "-b", "4", "--epochs", "1",
+                          "--workers", "1", "--data-pipeline", "gpu", "--aa", "rand-m9-mstd0.5-inc1", "--mixup",
+                          "0.8", "--cutmix", "1.0", "--output", str(tmp_path), "--experiment", "gpu", "--no-progress"])
     last = res[0]["last"]
     assert math.isfinite(last["train_loss"]) and 0 <= last["eval_top1"] <= 100
 
 
 def test_train_on_fashion_mnist_with_the_device_pipeline(fashion_mnist, tmp_path):
-    from vanillakd.train import run_argv
-    res = run_argv([str(fashion_mnist), "--model", "test_resnet", "--kd-loss", "none", "--input-size", "3", "32",
-                    "32", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--train-fraction", "0.01",
-                    "-b", "32", "--epochs", "1", "--max-train-steps", "10", "--workers", "1", "--lr", "3e-3",
-                    "--opt", "adamw", "--data-pipeline", "gpu", "--aa", "rand-m7-mstd0.5-inc1",
-                    "--output", str(tmp_path), "--experiment", "fm", "--no-progress", "--bad-images", "off",
-                    "--val-split", "val", "-vb", "500"])
+    res = run_train_argv([str(fashion_mnist), "--model", "test_resnet", "--kd-loss", "none", "--input-size", "3",
+                          "32", "32", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--train-fraction",
+                          "0.01", "-b", "32", "--epochs", "1", "--max-train-steps", "10", "--workers", "1", "--lr",
+                          "3e-3", "--opt", "adamw", "--data-pipeline", "gpu", "--aa", "rand-m7-mstd0.5-inc1",
+                          "--output", str(tmp_path), "--experiment", "fm", "--no-progress", "--bad-images", "off",
+                          "--val-split", "val", "-vb", "500"])
     assert res[0]["last"]["eval_top1"] > 10  # above chance after ten steps on real images
 
 
@@ -217,15 +216,14 @@ def test_teacher_cache_replays_the_device_pipeline(tiny_data, teacher_ckpt, tmp_
     CPU pipeline refuses it."""
     from vanillakd.cli import cache_teacher, train_kd
     from vanillakd.errors import run_cli
-    from vanillakd.train import run_argv
     argv = [str(tiny_data), "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained",
             str(teacher_ckpt), "--img-size", "32", "-b", "4", "--epochs", "2", "--warmup-epochs", "0", "--workers",
             "2", "--data-pipeline", "gpu", "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0",
             "--reprob", "0.25", "--seed", "5", "--opt", "adamw", "--lr", "1e-3", "--no-progress",
             "--output", str(tmp_path)]
     assert cache_teacher.main(argv + ["--cache-dir", str(tmp_path / "cache"), "--cache-topk", "0"]) == 0
-    run_argv(argv + ["--experiment", "live"])
-    run_argv(argv + ["--experiment", "cached", "--teacher-cache", str(tmp_path / "cache")])
+    run_train_argv(argv + ["--experiment", "live"])
+    run_train_argv(argv + ["--experiment", "cached", "--teacher-cache", str(tmp_path / "cache")])
     live = torch.load(tmp_path / "live" / "last.pth.tar", weights_only=True)["state_dict"]
     cached = torch.load(tmp_path / "cached" / "last.pth.tar", weights_only=True)["state_dict"]
     assert all(torch.allclose(live[k].float(), cached[k].float(), atol=1e-5) for k in live)

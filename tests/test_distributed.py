@@ -22,10 +22,48 @@ def launch(script: str, *args, nproc: int = 2, legacy: bool = False, timeout: fl
     launcher = ["-m", "torch.distributed.launch"] if legacy else ["-m", "torch.distributed.run", "--standalone"]
     cmd = [sys.executable, *launcher, f"--nproc_per_node={nproc}"] + \
         (["--master_port", "29517"] if legacy else []) + [str(REPO / script)] + [str(a) for a in args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               VANILLAKD_STACKS_ON_USR1="1")
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # a hang: every process of the job prints its threads' stacks (SIGUSR1, see errors.run_cli), then dies
+        _signal_all(_descendants(proc.pid), signal.SIGUSR1, pause=1.0)  # one at a time: stacks not interleaved
+        time.sleep(2)
+        _signal_all([proc.pid, *_descendants(proc.pid)], signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{script} hung for {timeout} s; the stacks of its processes:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _signal_all(pids: list[int], sig: int, pause: float = 0.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        time.sleep(pause)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (ranks and their data workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +171,8 @@ def test_teacher_cache_under_torchrun(tiny_data, teacher, tmp_path, capsys):
                    "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--seed", "7")
     flags = [str(a) for a in flags if str(a) not in ("--experiment", "x")]
     cache = tmp_path / "cache"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               VANILLAKD_STACKS_ON_USR1="1")
 
     def cache_teacher(*argv):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

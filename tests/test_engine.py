@@ -10,13 +10,14 @@ import timm
 import torch
 from timm.data import Mixup
 
+from conftest import make_student
+from vanillakd.cli.run_config import student_settings
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.engine import should_evaluate
 from vanillakd.losses import KLDiv
-from vanillakd.models import FrozenTeacher
 from vanillakd.objective import KDObjective, create_base_loss
 from vanillakd.precision import Precision
-from vanillakd.student import StudentRun, student_settings
+from vanillakd.teachers.live import FrozenTeacher
 
 
 def make_args(tmp_path, *extra: str) -> argparse.Namespace:
@@ -123,8 +124,8 @@ class SyncCounter:
 def test_train_step_has_no_host_sync(tmp_path, kd_loss):
     args = make_args(tmp_path, "--kd-loss", kd_loss, "--opt", "lamb", "--clip-grad", "1.0", "--model-ema",
                      "--lr", "1e-3", "--warmup-epochs", "1", "--amp", "--mixup", "0.1")
-    st = StudentRun(0, student_settings(args)[0], args, 4, torch.device("cpu"),
-                    Precision.create(torch.device("cpu"), True), updates_per_epoch=10, out_dir=tmp_path / "s")
+    st = make_student(args, 4, tmp_path / "s", precision=Precision.create(torch.device("cpu"), True),
+                      updates_per_epoch=10)
     teacher = FrozenTeacher(timm.create_model("test_resnet", num_classes=4))
     x = torch.randn(4, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 4).float() * 0.8 + 0.05
@@ -146,10 +147,9 @@ def test_train_step_has_no_host_sync(tmp_path, kd_loss):
 
 @pytest.mark.parametrize("topk", [0, 2])
 def test_cached_teacher_step_has_no_host_sync(tmp_path, topk):
-    from vanillakd.teacher_cache import CachedTeacher, EpochWriter, Storage, input_fingerprint
+    from vanillakd.teachers.cache import CachedTeacher, EpochWriter, Storage, input_fingerprint
     args = make_args(tmp_path, "--kd-loss", "kd", "--opt", "adamw", "--lr", "1e-3", "--mixup", "0.1")
-    st = StudentRun(0, student_settings(args)[0], args, 4, torch.device("cpu"), Precision.create(torch.device("cpu"),
-                    False), updates_per_epoch=10, out_dir=tmp_path / "s")
+    st = make_student(args, 4, tmp_path / "s", updates_per_epoch=10)
     x = torch.randn(4, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 4).float() * 0.8 + 0.05
     storage = Storage(topk=topk, dtype="float32" if topk == 0 else "float16", num_classes=4, batch_size=4, steps=4)

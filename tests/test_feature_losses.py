@@ -8,7 +8,6 @@ whose arithmetic is spelled out in comments.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -16,8 +15,16 @@ import torch
 from torch import nn
 
 from vanillakd.features import FeatureShapes
-from vanillakd.losses import (CRD, RKD, Correlation, ReviewKD, create_kd_loss_from_args, get_kd_loss_entry,
-                              list_kd_losses)
+from vanillakd.losses import (
+    CRD,
+    RKD,
+    Correlation,
+    FeatureKDLoss,
+    ReviewKD,
+    create_kd_loss_for,
+    get_kd_loss_entry,
+    list_kd_losses,
+)
 from vanillakd.losses.crd import Embed, nce_loss
 from vanillakd.losses.review import ABF, hcl_loss
 
@@ -964,24 +971,14 @@ def test_crd_gradients_reach_both_embeddings_and_student_not_memory():
 
 
 # ==========================================================================================================
-# all feature losses: half-precision inputs, autocast, gradients
+# half-precision inputs (every method's finite losses and gradients in float32 / bfloat16 / float16, under
+# autocast and not: test_methods.py, parametrized over the registry)
 # ==========================================================================================================
 
 B_ALL = 4
 S_CH, S_SZ, S_P = [4, 6], [(4, 4), (2, 2)], 6
 T_CH, T_SZ, T_P = [5, 8], [(4, 4), (2, 2)], 10
 N_ALL, K_ALL = 12, 3
-
-
-def build_loss(name):
-    torch.manual_seed(11)
-    if name == "rkd":
-        return RKD()
-    if name == "correlation":
-        return Correlation(S_P, T_P, feat_dim=8)
-    if name == "review":
-        return ReviewKD(S_CH + [S_P], T_CH + [T_P], T_SZ + [(1, 1)])
-    return CRD(S_P, T_P, feat_dim=8, num_data=N_ALL, k=K_ALL)
 
 
 def all_kwargs(dtype, seed=160):
@@ -994,53 +991,6 @@ def all_kwargs(dtype, seed=160):
     z = randn(g, B_ALL, 3, dtype=dtype)
     return dict(z_s=z, z_t=z.clone(), target=torch.zeros(B_ALL, dtype=torch.long), feature_student=fs,
                 feature_teacher=ft, epoch=1.0, index=idx, contrastive_index=cidx)
-
-
-LOSS_NAMES = ["rkd", "correlation", "review", "crd"]
-
-
-@pytest.mark.parametrize("name", LOSS_NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_half_inputs_finite_scalar_and_gradients(name, dtype):
-    loss = build_loss(name)
-    kw = all_kwargs(dtype)
-    got = loss(**kw)
-    check_scalar(got, torch.float32)
-    assert got.requires_grad
-    got.backward()
-    fs, ft = kw["feature_student"], kw["feature_teacher"]
-    used = fs if name == "review" else fs[-1:]  # the others use only the pooled feature
-    for f in used:
-        assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
-        assert f.grad.dtype == dtype
-    for pname, p in loss.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
-    assert all(not f.requires_grad and f.grad is None for f in ft)
-
-
-@pytest.mark.parametrize("name", LOSS_NAMES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_close_to_float32_of_the_same_values(name, dtype):
-    # the arithmetic is float32 inside: rounding the inputs to half precision is the only difference
-    kw_h = all_kwargs(dtype, seed=170)
-    kw_f = dict(kw_h, feature_student=[f.detach().float() for f in kw_h["feature_student"]],
-                feature_teacher=[f.float() for f in kw_h["feature_teacher"]])
-    a = build_loss(name).eval()(**kw_h)
-    b = build_loss(name).eval()(**kw_f)
-    close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", LOSS_NAMES)
-def test_cpu_autocast_bfloat16_finite(name):
-    loss = build_loss(name)
-    kw = all_kwargs(torch.float32, seed=180)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = loss(**kw)
-    check_scalar(got, torch.float32)
-    got.backward()
-    assert kw["feature_student"][-1].grad is not None and torch.isfinite(kw["feature_student"][-1].grad).all()
-    for pname, p in loss.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
 
 
 def test_rkd_teacher_requiring_grad_gets_none():
@@ -1059,10 +1009,14 @@ def test_list_kd_losses_features():
     names = list_kd_losses("features")
     for n in ("correlation", "rkd", "review", "crd"):
         assert n in names
-        assert get_kd_loss_entry(n).needs == "features"
+        e = get_kd_loss_entry(n)
+        assert e.kind == "features" and e.uses_features and issubclass(e.cls, FeatureKDLoss)
     for n in ("kd", "dkd", "dist"):
         assert n not in names
     assert set(names) <= set(list_kd_losses())
+    assert list_kd_losses("contrast") == ["crd"]
+    assert get_kd_loss_entry("crd").needs == {"features", "contrast"}
+    assert get_kd_loss_entry("rkd").needs == {"features"}
 
 
 STUDENT = FeatureShapes(channels=[4, 8, 16, 32], sizes=[(16, 16), (8, 8), (4, 4), (2, 2)], pooled=32)
@@ -1073,66 +1027,66 @@ def flags(**kw):
     a = dict(feat_dim=16, rkd_distance_weight=3.0, rkd_angle_weight=7.0, review_warmup_epochs=2.5, nce_k=5,
              nce_mom=0.3, nce_t=0.2)
     a.update(kw)
-    return argparse.Namespace(**a)
+    return a
 
 
-def test_create_kd_loss_from_args_maps_flags_and_shapes():
+def test_create_kd_loss_maps_flags_and_shapes():
     args = flags()
-    rkd = create_kd_loss_from_args("rkd", args, STUDENT, TEACHER, 50)
+    rkd = create_kd_loss_for("rkd", args, STUDENT, TEACHER, 50)
     assert isinstance(rkd, RKD) and (rkd.distance_weight, rkd.angle_weight) == (3.0, 7.0)
     assert rkd.squared is False
 
-    corr = create_kd_loss_from_args("correlation", args, STUDENT, TEACHER, 50)
+    corr = create_kd_loss_for("correlation", args, STUDENT, TEACHER, 50)
     assert isinstance(corr, Correlation)
     assert (corr.embed_s.in_features, corr.embed_s.out_features) == (32, 16)
     assert (corr.embed_t.in_features, corr.embed_t.out_features) == (40, 16)
 
-    rev = create_kd_loss_from_args("review", args, STUDENT, TEACHER, 50)
+    rev = create_kd_loss_for("review", args, STUDENT, TEACHER, 50)
     assert isinstance(rev, ReviewKD) and rev.warmup_epochs == 2.5
     assert [a.conv1[0].in_channels for a in rev.abfs] == [4, 8, 16, 32, 32]
     assert [a.conv2[0].out_channels for a in rev.abfs] == [6, 12, 24, 48, 40]
     assert all(a.conv1[0].out_channels == 32 for a in rev.abfs)  # min(512, student pooled)
 
-    crd = create_kd_loss_from_args("crd", args, STUDENT, TEACHER, 50)
+    crd = create_kd_loss_for("crd", args, STUDENT, TEACHER, 50)
     assert isinstance(crd, CRD)
     assert (crd.k, crd.momentum, crd.temperature, crd.num_data) == (5, 0.3, 0.2, 50)
     assert crd.memory_s.shape == crd.memory_t.shape == (50, 16)
     assert crd.embed_s.linear.in_features == 32 and crd.embed_t.linear.in_features == 40
 
 
-def test_create_kd_loss_from_args_losses_run_on_discovered_shapes():
+def test_create_kd_loss_losses_run_on_discovered_shapes():
     args = flags()
     fs, ft = feature_lists(200, 2, STUDENT.channels, STUDENT.sizes, STUDENT.pooled, TEACHER.channels,
                            TEACHER.sizes, TEACHER.pooled)
     idx = torch.tensor([3, 7])
     cidx = torch.cat([idx[:, None], torch.tensor([[1, 2, 4, 5, 6], [0, 1, 2, 8, 9]])], 1)
     kw = dict(feature_student=fs, feature_teacher=ft, epoch=10, index=idx, contrastive_index=cidx)
-    rkd = create_kd_loss_from_args("rkd", args, STUDENT, TEACHER, 50)
+    rkd = create_kd_loss_for("rkd", args, STUDENT, TEACHER, 50)
     close(rkd(**kw), ref_rkd(fs[-1], ft[-1], 3.0, 7.0))
-    corr = create_kd_loss_from_args("correlation", args, STUDENT, TEACHER, 50)
+    corr = create_kd_loss_for("correlation", args, STUDENT, TEACHER, 50)
     close(corr(**kw), ref_correlation(fs[-1], ft[-1], corr.embed_s, corr.embed_t))
-    rev = create_kd_loss_from_args("review", args, STUDENT, TEACHER, 50).eval()
+    rev = create_kd_loss_for("review", args, STUDENT, TEACHER, 50).eval()
     close(rev(**dict(kw, epoch=1.25)), ref_review(rev, fs, ft, epoch=1.25, warmup=2.5))
-    crd = create_kd_loss_from_args("crd", args, STUDENT, TEACHER, 50)
+    crd = create_kd_loss_for("crd", args, STUDENT, TEACHER, 50)
     ref, *_ = ref_crd_step(crd, crd.memory_s.to(F64).clone(), crd.memory_t.to(F64).clone(), None, fs[-1], ft[-1],
                            idx, cidx, 0.2, 0.3)
     close(crd(**kw), ref, rtol=2e-5, atol=1e-6)
 
 
-def test_create_kd_loss_from_args_none_flags_keep_defaults():
-    args = argparse.Namespace(feat_dim=None, rkd_distance_weight=None, rkd_angle_weight=None,
-                              review_warmup_epochs=None, nce_k=None, nce_mom=None, nce_t=None)
-    rkd = create_kd_loss_from_args("rkd", args, STUDENT, TEACHER, 20)
+def test_create_kd_loss_none_flags_keep_defaults():
+    args = dict(feat_dim=None, rkd_distance_weight=None, rkd_angle_weight=None, review_warmup_epochs=None,
+                nce_k=None, nce_mom=None, nce_t=None)
+    rkd = create_kd_loss_for("rkd", args, STUDENT, TEACHER, 20)
     assert (rkd.distance_weight, rkd.angle_weight) == (25, 50)
-    corr = create_kd_loss_from_args("correlation", args, STUDENT, TEACHER, 20)
+    corr = create_kd_loss_for("correlation", args, STUDENT, TEACHER, 20)
     assert corr.embed_s.out_features == 128
-    rev = create_kd_loss_from_args("review", args, STUDENT, TEACHER, 20)
+    rev = create_kd_loss_for("review", args, STUDENT, TEACHER, 20)
     assert rev.warmup_epochs == 1.0
-    crd = create_kd_loss_from_args("crd", args, STUDENT, TEACHER, 20)
+    crd = create_kd_loss_for("crd", args, STUDENT, TEACHER, 20)
     assert (crd.k, crd.momentum, crd.temperature) == (16384, 0.5, 0.07)
     assert crd.memory_s.shape == (20, 128)
 
 
-def test_create_kd_loss_from_args_feature_loss_needs_shapes():
+def test_create_kd_loss_feature_loss_needs_shapes():
     with pytest.raises(ValueError):
-        create_kd_loss_from_args("rkd", flags(), None, None, 10)
+        create_kd_loss_for("rkd", flags(), None, None, 10)

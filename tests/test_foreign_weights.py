@@ -10,13 +10,19 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_image_folder, run_cli
-from foreign_layouts import (beit_reference_logits, beit_release_state, convnextv2_fb_state,
-                             convnextv2_reference_logits, seed_training_checkpoint)
+from foreign_layouts import (
+    beit_reference_logits,
+    beit_release_state,
+    convnextv2_fb_state,
+    convnextv2_reference_logits,
+    seed_training_checkpoint,
+)
 from vanillakd import zoo
 from vanillakd.cli import train_kd, validate
 from vanillakd.errors import UserError
 from vanillakd.export import export_checkpoint
-from vanillakd.models import create_student, create_teacher
+from vanillakd.models import create_student
+from vanillakd.teachers.live import create_teacher
 
 TOL = 1e-4
 
@@ -207,7 +213,8 @@ def test_no_ema_checkpoint_flag_reaches_the_student(tmp_path):
     for flag, expect in (([], ema), (["--no-ema-checkpoint"], plain_sd)):
         out = tmp_path / f"out{len(flag)}"
         argv = [data, "--model", "test_resnet", "--kd-loss", "none", "--initial-checkpoint", tmp_path / "init.pth",
-                "--epochs", "1", "-b", "4", "--img-size", "32", "--workers", "0", "--lr", "1e-12", "--warmup-lr", "1e-12",
+                "--epochs", "1", "-b", "4", "--img-size", "32", "--workers", "0", "--lr", "1e-12",
+                "--warmup-lr", "1e-12",
                 "--weight-decay", "0", "--output", out, "--experiment", "e", "--no-progress", *flag]
         assert run_cli(train_kd.cli, argv) == 0
         saved = torch.load(out / "e" / "last.pth.tar", weights_only=True)["state_dict"]
@@ -272,7 +279,9 @@ def test_deit3_facebook_release_layout_loads(tmp_path):
 
 def test_the_filter_is_the_one_timms_builder_registers():
     import functools
+
     from timm.models import crossvit, vision_transformer
+
     from vanillakd.weights import timm_filter_fn
     with torch.device("meta"):
         deit3 = timm.create_model("deit3_small_patch16_224", depth=1)

@@ -5,14 +5,20 @@ log-softmax, KL sums, BCE-with-logits and Pearson correlations are written out i
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 from vanillakd.errors import UserError
-from vanillakd.losses import (DIST, DKD, BinaryKLDiv, KLDiv, create_kd_loss, create_kd_loss_from_args,
-                              list_kd_losses)
+from vanillakd.losses import (
+    DIST,
+    DKD,
+    BinaryKLDiv,
+    KLDiv,
+    create_kd_loss,
+    create_kd_loss_for,
+    get_kd_loss_entry,
+    list_kd_losses,
+)
 
 F64 = torch.float64
 RTOL, ATOL = 1e-5, 1e-7
@@ -483,7 +489,7 @@ def test_half_precision_extreme_logits_all_finite():
     z_s[torch.arange(B), (target + 1) % K] = 60.0
     z_t[torch.arange(B), target] = 60.0
     for dtype in (torch.float16, torch.bfloat16):
-        for name, (make, ref) in LOSSES.items():
+        for make, ref in LOSSES.values():
             got = make()(z_s=z_s.to(dtype), z_t=z_t.to(dtype), target=target)
             check_scalar(got)
             close(got, ref(z_s, z_t, target), rtol=1e-5, atol=1e-6)
@@ -529,6 +535,9 @@ def test_list_kd_losses_contains_logit_losses():
     assert {"kd", "bkd", "dkd", "dist"} <= set(names)
     assert names == sorted(names)
     assert {"kd", "bkd", "dkd", "dist"} <= set(list_kd_losses(needs="logits"))
+    for n in ("kd", "bkd", "dkd", "dist"):
+        e = get_kd_loss_entry(n)
+        assert e.needs == {"logits"} and e.kind == "logits" and not e.uses_features and not e.uses_contrast
 
 
 @pytest.mark.parametrize("name,cls,kwargs", [
@@ -564,28 +573,28 @@ def test_create_kd_loss_unknown_name():
     assert "dkd" in msg  # names the choices
 
 
-def test_create_kd_loss_from_args_unknown_name():
+def test_create_kd_loss_for_unknown_name():
     with pytest.raises(UserError, match="nope"):
-        create_kd_loss_from_args("nope", argparse.Namespace(temperature=1.0))
+        create_kd_loss_for("nope", {"temperature": 1.0})
 
 
 def _args(**overrides):
     a = dict(temperature=3.0, dkd_alpha=0.5, dkd_beta=7.0, dist_beta=1.5, dist_gamma=2.5)
     a.update(overrides)
-    return argparse.Namespace(**a)
+    return a
 
 
-def test_create_kd_loss_from_args_maps_flags():
+def test_create_kd_loss_for_maps_flags():
     args = _args()
-    kd = create_kd_loss_from_args("kd", args)
+    kd = create_kd_loss_for("kd", args)
     assert type(kd) is KLDiv and kd.temperature == 3.0
-    dkd = create_kd_loss_from_args("dkd", args)
+    dkd = create_kd_loss_for("dkd", args)
     assert type(dkd) is DKD
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (0.5, 7.0, 3.0)
-    dist = create_kd_loss_from_args("dist", args)
+    dist = create_kd_loss_for("dist", args)
     assert type(dist) is DIST
     assert (dist.beta, dist.gamma, dist.tau) == (1.5, 2.5, 3.0)
-    assert type(create_kd_loss_from_args("bkd", args)) is BinaryKLDiv
+    assert type(create_kd_loss_for("bkd", args)) is BinaryKLDiv
 
     z_s, z_t, target = make_logits(63, 4, 20)
     close(kd(z_s=z_s, z_t=z_t, target=target), ref_kd(z_s, z_t, 3.0))
@@ -593,13 +602,13 @@ def test_create_kd_loss_from_args_maps_flags():
     close(dist(z_s=z_s, z_t=z_t, target=target), ref_dist(z_s, z_t, 1.5, 2.5, 3.0))
 
 
-def test_create_kd_loss_from_args_none_and_missing_flags_keep_defaults():
-    dkd = create_kd_loss_from_args("dkd", argparse.Namespace(temperature=None, dkd_alpha=None, dkd_beta=None))
+def test_create_kd_loss_for_none_and_missing_flags_keep_defaults():
+    dkd = create_kd_loss_for("dkd", dict(temperature=None, dkd_alpha=None, dkd_beta=None))
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (1.0, 2.0, 1.0)
-    dist = create_kd_loss_from_args("dist", argparse.Namespace(temperature=2.0))
+    dist = create_kd_loss_for("dist", dict(temperature=2.0))
     assert (dist.beta, dist.gamma, dist.tau) == (1.0, 1.0, 2.0)
 
 
-def test_create_kd_loss_from_args_overrides_win():
-    dkd = create_kd_loss_from_args("dkd", _args(), alpha=4.0)
+def test_create_kd_loss_for_overrides_win():
+    dkd = create_kd_loss_for("dkd", _args(), alpha=4.0)
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (4.0, 7.0, 3.0)

@@ -7,10 +7,11 @@ import inspect
 import textwrap
 
 import pytest
-import torch
 import timm.data.loader as timm_loader
+import torch
 from timm.data.random_erasing import RandomErasing
 
+from vanillakd.cli.run_config import run_config
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.data.folder import build_train_val
 from vanillakd.data.loader import build_train_loader
@@ -49,7 +50,7 @@ def test_sets_every_attribute_it_reads(tiny_data, timm_1_0_29, pipeline):
     args = build_train_parser("t", "").parse_args(["x", "-b", "4", "--workers", "0", "--reprob", "0.5",
                                                    "--data-pipeline", pipeline])
     cfg = {"input_size": (3, 32, 32), "mean": MEAN, "std": STD}
-    loader = build_train_loader(train.dataset, cfg, args, n, CPU)
+    loader = build_train_loader(train.dataset, cfg, run_config(args), n, CPU)
     missing = sorted(name for name in _self_reads(type(loader)) if not hasattr(loader, name))
     assert not missing, f"{type(loader).__name__} reads attributes it does not set: {missing}"
 
@@ -113,10 +114,11 @@ def test_cuda_side_stream_matches_cpu():
     cuda = torch.device("cuda")
     cpu = list(ExtrasPrefetchLoader(_batches(), MEAN, STD, device=CPU, re_prob=0.5, seed=3))
     loader = ExtrasPrefetchLoader(_batches(), MEAN, STD, device=cuda, re_prob=0.5, seed=3)
-    for epoch in range(2):  # one side stream for the loader's life
+    streams = []
+    for _ in range(2):  # one side stream for the loader's life
         got = list(loader)
-        stream = loader.stream if epoch == 0 else stream
-        assert isinstance(loader.stream, torch.cuda.Stream) and loader.stream is stream
+        streams.append(loader.stream)
+        assert isinstance(loader.stream, torch.cuda.Stream) and loader.stream is streams[0]
         for (x, y, extras), (cx, cy, cextras) in zip(got, cpu):
             assert x.is_cuda and y.is_cuda and extras["index"].is_cuda
             assert torch.allclose(x.cpu(), cx, atol=1e-6) and torch.equal(y.cpu(), cy)

@@ -9,19 +9,19 @@ import csv
 import pytest
 import timm
 import torch
+from test_train_fd import _features
 from timm.models.resnet import Bottleneck
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from conftest import run_cli
-from test_train_fd import _features
+from conftest import make_student, run_cli
 from vanillakd.cli import train_kd
+from vanillakd.cli.run_config import run_config
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.errors import UserError
 from vanillakd.features import probe_shapes
-from vanillakd.precision import Precision
-from vanillakd.student import StudentRun, student_settings
-from vanillakd.train import _build_teacher
+from vanillakd.run_setup import build_teacher
+from vanillakd.student import StudentRun
 
 CPU = torch.device("cpu")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -32,9 +32,8 @@ def _args(*flags: str, data: str = "x"):
 
 
 def _student(tmp_path, args, teacher_shapes, num_classes: int = 3) -> StudentRun:
-    return StudentRun(0, student_settings(args)[0], args, num_classes, CPU, Precision.create(CPU, False), 10,
-                      tmp_path / "run", "features", teacher_shapes=teacher_shapes, num_data=40,
-                      input_size=(3, 32, 32))
+    return make_student(args, num_classes, tmp_path / "run", device=CPU, updates_per_epoch=10, loss_kind="features",
+                        teacher_shapes=teacher_shapes, num_data=40, input_size=(3, 32, 32))
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -91,8 +90,10 @@ def test_review_gets_post_relu_stage_maps_unless_review_preact(tmp_path, bn_teac
     args = _args("--model", "test_resnet", "--kd-loss", "review", "--teacher", "test_resnet",
                  "--teacher-pretrained", str(bn_teacher), *(["--review-preact"] if preact else []))
     teacher_cfg = timm.create_model("test_resnet").pretrained_cfg
-    cfg = {"input_size": (3, 32, 32), "mean": teacher_cfg["mean"], "std": teacher_cfg["std"]}
-    teacher, t_shapes = _build_teacher(args, student_settings(args), 3, CPU, cfg)
+    data_cfg = {"input_size": (3, 32, 32), "mean": teacher_cfg["mean"], "std": teacher_cfg["std"]}
+    run_cfg = run_config(args)
+    teacher, t_shapes = build_teacher(run_cfg, [s.kd_loss for s in run_cfg.students if s.uses_teacher], 3, CPU,
+                                      data_cfg)
     assert teacher.renorm is None and teacher.resize is None  # the teacher sees the batch as it is
     st = _student(tmp_path, args, t_shapes)
     _randomise_bn(st.model)
@@ -161,7 +162,7 @@ def test_resume_of_a_checkpoint_with_one_kd_group(tmp_path, caplog):
                  "--epochs", "4")
     t_shapes = probe_shapes(_features("test_resnet"), (3, 32, 32), CPU)
     st = _student(tmp_path, args, t_shapes)
-    old = _old_layout(st.checkpoint(0, args, None))
+    old = _old_layout(st.checkpoint(0, vars(args), None))
     with pytest.raises(UserError, match=r"parameter groups, this run .*; pass --no-resume-opt"):
         st.resume(old, "old.pth.tar")
     assert st.resume(old, "old.pth.tar", load_optimizer=False) == (1, 0)

@@ -1,7 +1,6 @@
 """The fast-step defaults (speed.py), the frozen teacher's inference-mode outputs, --compile, and `vanillakd bench`."""
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -12,19 +11,21 @@ import timm
 import torch
 from torch import nn
 
-from vanillakd import bench
-from vanillakd.cli import train_kd
+from vanillakd.cli import bench, train_kd
 from vanillakd.cli.train_args import build_train_parser
+from vanillakd.config import SpeedConfig
 from vanillakd.errors import run_cli
 from vanillakd.features import FeatureModel
-from vanillakd.models import FrozenTeacher
-from vanillakd.speed import optimizer_speed_kwargs, resolve_speed_flags
+from vanillakd.speed import optimizer_speed_kwargs, resolve_speed
+from vanillakd.teachers.live import FrozenTeacher
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
-def auto() -> argparse.Namespace:
-    return argparse.Namespace(amp=None, channels_last=None, pin_mem=None)
+def speed(amp=None, channels_last=None, pin_mem=None) -> SpeedConfig:
+    """The speed switches (None: auto) with the other fields at their flags' defaults."""
+    return SpeedConfig(device=None, amp=amp, amp_dtype="float16", pin_mem=pin_mem, fused_opt=None,
+                       channels_last=channels_last, compile=False, compile_mode=None)
 
 
 # ---------------------------------------------------------------- auto flags
@@ -32,31 +33,30 @@ def auto() -> argparse.Namespace:
 
 @pytest.mark.parametrize("model,channels_last", [("test_resnet", True), ("test_vit", False)])
 def test_auto_flags_on_cuda(model, channels_last):
-    args = auto()
-    turned_on = resolve_speed_flags(args, CUDA, [model])  # pure logic: no GPU needed
-    assert (args.amp, args.pin_mem, args.channels_last) == (True, True, channels_last)
+    resolved, turned_on = resolve_speed(speed(), CUDA, [model])  # pure logic: no GPU needed
+    assert (resolved.amp, resolved.pin_mem, resolved.channels_last) == (True, True, channels_last)
     assert set(turned_on) == {"amp", "pin_mem"} | ({"channels_last"} if channels_last else set())
 
 
 def test_auto_channels_last_when_any_student_is_a_conv_net():
-    args = auto()
-    resolve_speed_flags(args, CUDA, ["test_vit", "test_resnet"])
-    assert args.channels_last is True
+    resolved, _ = resolve_speed(speed(), CUDA, ["test_vit", "test_resnet"])
+    assert resolved.channels_last is True
 
 
 @pytest.mark.parametrize("model", ["test_resnet", "test_vit"])
 def test_auto_flags_off_on_cpu(model):
-    args = auto()
-    assert resolve_speed_flags(args, CPU, [model]) == []
-    assert (args.amp, args.pin_mem, args.channels_last) == (False, False, False)
+    resolved, turned_on = resolve_speed(speed(), CPU, [model])
+    assert turned_on == []
+    assert (resolved.amp, resolved.pin_mem, resolved.channels_last) == (False, False, False)
 
 
 @pytest.mark.parametrize("device", [CUDA, CPU])
 @pytest.mark.parametrize("value", [True, False])
 def test_explicit_speed_flags_are_kept(device, value):
-    args = argparse.Namespace(amp=value, channels_last=value, pin_mem=value)
-    assert resolve_speed_flags(args, device, ["test_resnet"]) == []
-    assert (args.amp, args.pin_mem, args.channels_last) == (value, value, value)
+    resolved, turned_on = resolve_speed(speed(amp=value, channels_last=value, pin_mem=value), device,
+                                        ["test_resnet"])
+    assert turned_on == []
+    assert (resolved.amp, resolved.pin_mem, resolved.channels_last) == (value, value, value)
 
 
 def test_optimizer_speed_kwargs():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_teacher
 from PIL import Image
 
-from vanillakd import teacher_cache as tc
+from conftest import save_teacher
 from vanillakd.cli import cache_teacher, train_fd, train_kd
 from vanillakd.errors import run_cli
 from vanillakd.losses.kd import KLDiv
+from vanillakd.teachers import cache as tc
 
 STRONG_AUG = ["--mixup", "0.8", "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--workers", "2",
               "--seed", "3", "--opt", "adamw", "--lr", "1e-3"]

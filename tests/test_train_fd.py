@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 import timm
 import torch
-
-from conftest import run_cli, save_teacher
 from test_train_kd import A2, seed_command
+
+from conftest import make_student, run_cli, save_teacher
 from vanillakd.cli import train_crd, train_fd, validate
 from vanillakd.cli.train_args import build_train_parser
 from vanillakd.data.contrast import ContrastSampler
 from vanillakd.errors import UserError
 from vanillakd.features import FeatureModel, probe_shapes
-from vanillakd.models import FrozenTeacher
-from vanillakd.precision import Precision
-from vanillakd.student import StudentRun, student_settings
+from vanillakd.teachers.live import FrozenTeacher
 
 FAMILIES = ["test_resnet", "test_vit", "test_convnext"]
 PAIRS = [(s, t) for s in FAMILIES for t in FAMILIES]
@@ -61,9 +59,8 @@ def _student(tmp_path, student, kd_loss, teacher_shapes, input_size=(3, 32, 32),
     args = build_train_parser("t", "").parse_args(
         ["x", "--model", student, "--kd-loss", kd_loss, "--output", str(tmp_path), "--nce-k", "4", "--lr", "1e-3",
          "--opt", "adamw", "--mixup", "0.1"])
-    return StudentRun(0, student_settings(args)[0], args, 5, torch.device("cpu"), Precision.create(
-        torch.device("cpu"), False), 10, tmp_path / kd_loss, "features", teacher_shapes=teacher_shapes,
-        num_data=num_data, input_size=input_size)
+    return make_student(args, 5, tmp_path / kd_loss, updates_per_epoch=10, loss_kind="features",
+                        teacher_shapes=teacher_shapes, num_data=num_data, input_size=input_size)
 
 
 @pytest.mark.parametrize("student,teacher", PAIRS)
@@ -107,8 +104,7 @@ def test_kd_parts_are_in_the_optimizer_and_saved_apart(tmp_path):
     st = _student(tmp_path, "test_resnet", "review", t_shapes)
     opt_params = {id(p) for g in st.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in opt_params for p in st.kd_loss.parameters())
-    ckpt = st.checkpoint(0, st_args := build_train_parser("t", "").parse_args(["x"]), None)
-    del st_args
+    ckpt = st.checkpoint(0, vars(build_train_parser("t", "").parse_args(["x"])), None)
     assert set(ckpt["state_dict"]) == set(st.model.state_dict())  # a plain timm checkpoint
     assert ckpt["kd_state"] and all(k.startswith("abfs.") for k in ckpt["kd_state"])
     st.close()
@@ -204,13 +200,15 @@ def test_fd_help_lists_methods(capsys):
 
 def test_feature_teacher_stays_frozen_in_eval(tiny_data, fd_teacher):
     """The teacher wrapped for features stays in eval mode (its BN statistics never move) and gets no grad."""
-    from vanillakd.student import student_settings
-    from vanillakd.train import _build_teacher
+    from vanillakd.cli.run_config import run_config
+    from vanillakd.run_setup import build_teacher
     args = build_train_parser("t", "").parse_args([str(tiny_data), "--model", "test_vit", "--kd-loss", "review",
                                                    "--teacher", "test_resnet", "--teacher-pretrained",
                                                    str(fd_teacher)])
-    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    teacher, shapes = _build_teacher(args, student_settings(args), 3, torch.device("cpu"), cfg)
+    cfg = run_config(args)
+    data_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    distillers = [s.kd_loss for s in cfg.students if s.uses_teacher]
+    teacher, shapes = build_teacher(cfg, distillers, 3, torch.device("cpu"), data_cfg)
     assert shapes.channels and not any(m.training for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     teacher(torch.randn(4, 3, 32, 32))

@@ -108,7 +108,7 @@ def test_ema_and_eval_schedule(tiny_data, teacher_ckpt, tmp_path):
 def test_two_students_one_teacher_pass(tiny_data, teacher_ckpt, tmp_path):
     """List-valued flags train several students from one teacher forward per batch, each in its own folder."""
     calls = []
-    import vanillakd.models as models
+    import vanillakd.teachers.live as models
     orig = models.FrozenTeacher.forward
     models.FrozenTeacher.forward = lambda self, x: calls.append(1) or orig(self, x)
     try:

@@ -16,7 +16,7 @@ from vanillakd import zoo
 from vanillakd.cli import train_kd, validate
 from vanillakd.errors import UserError
 from vanillakd.export import export_checkpoint
-from vanillakd.models import FrozenTeacher, teacher_input_adapter
+from vanillakd.teachers.live import FrozenTeacher, teacher_input_adapter
 
 PLAIN_TIMM = """
 import json, sys, torch, timm
@@ -152,7 +152,7 @@ def test_fixed_size_teacher_is_resized_for():
 
 
 def test_teacher_hub_offline_is_a_fast_clear_error(tiny_data, tmp_path, capsys, monkeypatch):
-    from vanillakd.models import _pretrained_teacher
+    from vanillakd.teachers.live import _pretrained_teacher
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):

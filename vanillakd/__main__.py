@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import run_cli
 
@@ -11,15 +11,15 @@ COMMANDS = {
     "train-fd": ("vanillakd.cli.train_fd", "feature distillation: correlation, rkd, review (train-fd.py)"),
     "train-crd": ("vanillakd.cli.train_crd", "contrastive representation distillation (train-crd.py)"),
     "cache-teacher": ("vanillakd.cli.cache_teacher", "store the teacher's outputs over a training stream"),
-    "bench": ("vanillakd.bench", "img/s of the KD step and its parts, or of the data pipeline (--data)"),
+    "bench": ("vanillakd.cli.bench", "img/s of the KD step and its parts, or of the data pipeline (--data)"),
     "validate": ("vanillakd.cli.validate", "evaluate a checkpoint (validate.py)"),
-    "compare": ("vanillakd.compare", "methods x data fractions x seeds under one recipe: tables and plots"),
+    "compare": ("vanillakd.cli.compare", "methods x data fractions x seeds under one recipe: tables and plots"),
     "report": ("vanillakd.cli.report", "tables and plots from finished run folders"),
     "export": ("vanillakd.cli.export", "a checkpoint as a plain timm folder (model.safetensors + config.json)"),
     "zoo": ("vanillakd.cli.zoo", "list or fetch the published VanillaKD students"),
     "check-data": ("vanillakd.cli.check_data", "list truncated or non-image files in an ImageFolder"),
     "prepare": ("vanillakd.cli.prepare", "write a dataset as an ImageFolder (fashion-mnist)"),
-    "demo": ("vanillakd.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),
+    "demo": ("vanillakd.cli.demo", "teacher, scratch, KD and DKD students on Fashion-MNIST, offline"),
 }
 
 

@@ -10,13 +10,15 @@ import contextlib
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write_fn) -> None:
     """Write through ``write_fn(file)`` into a temp file beside ``path``, fsync, then rename over it.

@@ -31,18 +31,43 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_processes(local_rank_flag: int = 0) -> tuple[int, int, int]:
+    """(world size, rank, local rank) of this launch: torchrun / torch.distributed.launch (``WORLD_SIZE``),
+    or one task of a multi-task ``srun`` step; else one process. The names are read with timm's
+    ``world_info_from_env``; unlike timm's ``is_distributed_env``, a shell of a multi-task allocation
+    (``SLURM_NTASKS`` > 1 but no srun step of several tasks) is one process, not a rank waiting for others."""
+    from timm.utils import world_info_from_env
+    local_rank, rank, world = world_info_from_env()
+    if not any(v in os.environ for v in ("LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
+                                         "OMPI_COMM_WORLD_LOCAL_RANK")):
+        local_rank = local_rank_flag  # a launcher that passes --local-rank only
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]), rank, local_rank
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return world, rank, local_rank
+    return 1, 0, local_rank
+
+
 def init_distributed(local_rank_flag: int = 0, want_cuda: bool | None = None, timeout_s: int = 1800) -> DistInfo:
-    """Join the process group when launched with WORLD_SIZE > 1; otherwise a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag))
+    """Join the process group when launched as several processes; otherwise a single process.
+
+    The group is joined here rather than by timm's ``init_distributed_device`` because that takes no timeout,
+    and a rank that dies leaves the others blocked in a collective for as long as the timeout says."""
+    world, rank, local_rank = launched_processes(local_rank_flag)
     if world <= 1:
         return DistInfo(1, 0, local_rank)
     if dist.is_initialized():
         return DistInfo(dist.get_world_size(), dist.get_rank(), local_rank)
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        names = " and ".join(missing)
+        raise UserError(f"{world} processes were launched but {names} not set: export rank 0's address and a free "
+                        "port (torchrun sets them itself)")
+    # torch's env:// rendezvous reads these names (an srun step sets its own, as timm copies them)
+    os.environ.update(LOCAL_RANK=str(local_rank), RANK=str(rank), WORLD_SIZE=str(world))
     cuda = torch.cuda.is_available() if want_cuda is None else want_cuda
     if cuda:
         torch.cuda.set_device(local_rank)
-    # a rank that dies leaves the others blocked in a collective; the timeout bounds how long
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(dist.get_world_size(), dist.get_rank(), local_rank)
 

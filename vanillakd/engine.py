@@ -5,15 +5,22 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from timm.utils import distribute_bn
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .checkpoint import atomic_save
+from .config import RunConfig
+from .data.loader import set_epoch
+from .distributed import DistInfo, all_reduce_sum
 from .features import Features
 from .precision import Precision
 from .student import MicroStep
+from .teachers.base import Teacher
 
 log = logging.getLogger("vanillakd")
 
@@ -44,7 +51,7 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def train_one_epoch(epoch: int, loader: Iterable, teacher: nn.Module | None, students: Sequence,
+def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, students: Sequence,
                     precision: Precision, channels_last: bool = False, log_interval: int = 50,
                     max_steps: int | None = None, progress: bool | None = None, start_step: int = 0,
                     after_step: Callable[[int, int], None] | None = None,
@@ -155,3 +162,91 @@ def evaluated_with(ema: nn.Module, model: nn.Module) -> bool:
     are. A copy kept elsewhere (``--model-ema-force-cpu`` on an accelerator) is not, as in timm ("Disables EMA
     validation"): moving each batch back to the CPU would make a real validation set cost more than the epoch."""
     return next(ema.parameters()).device == next(model.parameters()).device
+
+
+@dataclass
+class FitPlan:
+    """What the epoch loop runs: the students (built), the teacher or its cache, both loaders, where to start,
+    and how to get the teacher's val predictions once (``teacher_val``: None when there is no teacher)."""
+    cfg: RunConfig
+    info: DistInfo
+    precision: Precision
+    students: Sequence
+    teacher: Teacher | None
+    train_loader: Any
+    eval_loader: Any
+    start_epoch: int = 0
+    start_step: int = 0
+    teacher_val: Callable[[], list[torch.Tensor] | None] = lambda: None
+    external: Any = None
+
+
+def fit(plan: FitPlan) -> None:
+    """The epoch loop: train, average BN statistics over ranks, evaluate, save, step the schedules."""
+    cfg, info, students = plan.cfg, plan.info, plan.students
+    num_epochs = students[0].num_epochs
+    for epoch in range(plan.start_epoch, num_epochs):
+        first = plan.start_step if epoch == plan.start_epoch else 0
+        set_epoch(plan.train_loader, epoch, first)
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(
+            epoch, plan.train_loader, plan.teacher, students, plan.precision, bool(cfg.speed.channels_last),
+            cfg.loop.log_interval, cfg.loop.max_train_steps, cfg.loop.progress if info.primary else False,
+            start_step=first, after_step=_recovery_saver(plan, epoch), accum_steps=cfg.optim.grad_accum_steps)
+        train_time = time.perf_counter() - t0
+        if info.distributed and cfg.dist.dist_bn:
+            for st in students:  # ranks saw different batches: make their BN statistics agree
+                distribute_bn(st.model, info.world_size, reduce=cfg.dist.dist_bn == "reduce")
+        do_eval = should_evaluate(epoch, num_epochs, cfg.loop.eval_interval, cfg.loop.eval_interval_end)
+        teacher_preds = plan.teacher_val() if do_eval else None
+        for st, tm in zip(students, train_metrics):
+            row = {"epoch": epoch, "lr": st.lr(), "train_loss": tm["loss"], "train_base_loss": tm["base_loss"],
+                   "train_kd_loss": tm["kd_loss"], "eval_loss": "", "eval_top1": "", "eval_top5": "",
+                   "train_time": round(train_time, 2)}
+            _evaluate_and_save(st, epoch, cfg, row, plan, do_eval, teacher_preds)
+            if plan.external is not None:
+                plan.external.log(st.setting.tag if len(students) > 1 else "", row, epoch)
+
+
+def _recovery_saver(plan: FitPlan, epoch: int) -> Callable[[int, int], None]:
+    """``--recovery-interval N``: a mid-epoch checkpoint every N steps, only between optimizer updates
+    (gradients of a half-done accumulation are not saved)."""
+    cfg = plan.cfg
+    interval, accum = cfg.checkpoint.recovery_interval, cfg.optim.grad_accum_steps
+
+    def save(done: int, total: int) -> None:
+        if interval and done % interval == 0 and done % accum == 0 and done < total and plan.info.primary:
+            for st in plan.students:
+                st.check_finite()  # never save non-finite weights
+                atomic_save(st.checkpoint(epoch, cfg.flags, None, step=done), st.out_dir / "recovery.pth.tar")
+    return save
+
+
+def _evaluate_and_save(st, epoch: int, cfg: RunConfig, row: dict, plan: FitPlan, do_eval: bool,
+                       teacher_preds: list[torch.Tensor] | None) -> None:
+    """Evaluate the student (and its EMA copies), write last / best checkpoints, the summary row; step the
+    schedule."""
+    metric, key, channels_last = None, cfg.loop.eval_metric, bool(cfg.speed.channels_last)
+    if do_eval:
+        em = evaluate(st.model, plan.eval_loader, plan.precision, channels_last, teacher_preds=teacher_preds)
+        row.update(eval_loss=em["loss"], eval_top1=em["top1"], eval_top5=em["top5"])
+        if "agreement" in em:
+            row["eval_agreement"] = em["agreement"]
+        metric = em[key]
+        st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
+        for i, ema in enumerate(st.emas):
+            if not evaluated_with(ema.module, st.model):
+                continue  # --model-ema-force-cpu on an accelerator: said once when the run starts
+            name = st.ema_name(i)
+            emm = evaluate(ema.module, plan.eval_loader, plan.precision, channels_last)
+            row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
+            st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}")
+            # the EMA's best file holds its weights as the plain student 'state_dict'
+            st.ema_savers[i].save_best(
+                lambda emm=emm, ema=ema: st.checkpoint(epoch, cfg.flags, emm[key], weights=ema.module.state_dict()),
+                epoch, emm[key], f"model_best_{name}")
+    state = st.checkpoint(epoch, cfg.flags, metric)
+    st.saver.save_last(state, epoch, cfg.checkpoint.checkpoint_hist)
+    st.saver.save_best(lambda: state, epoch, metric, "model_best")
+    st.summary.add(row)
+    st.end_epoch(epoch, metric)

@@ -1,9 +1,11 @@
 """User-facing errors: one line, no traceback, non-zero exit."""
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
@@ -23,12 +25,27 @@ def one_line(e: UserError) -> str:
     return last.split(f"{UserError.__name__}: ", 1)[-1]
 
 
+def _stacks_on_sigusr1() -> None:
+    """With VANILLAKD_STACKS_ON_USR1=1, SIGUSR1 prints every thread's stack to the process's real stderr and
+    the process goes on (to see where a stuck rank waits). Off by default: SIGUSR1 then ends the process, as
+    a batch system's --signal=USR1 may expect."""
+    stream = sys.__stderr__
+    if not os.environ.get("VANILLAKD_STACKS_ON_USR1") or not hasattr(signal, "SIGUSR1") or stream is None:
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+    except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: no dumps, nothing else
+        pass
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "vanillakd") -> int:
     """Run an entry point, turning UserError into ``prog: error: ...`` on stderr and exit code 2.
 
-    Set VANILLAKD_TRACEBACK=1 to see the full traceback instead.
+    Set VANILLAKD_TRACEBACK=1 to see the full traceback instead; with VANILLAKD_STACKS_ON_USR1=1,
+    ``kill -USR1 PID`` prints where every thread of the process stands (a run that seems stuck).
     """
+    _stacks_on_sigusr1()
     try:
         return main(argv) or 0
     except UserError as e:

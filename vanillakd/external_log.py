@@ -2,32 +2,33 @@
 used when installed and never required."""
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .checkpoint import plain
+from .config import RunConfig
 from .errors import UserError
 
 
 class ExternalLoggers:
-    def __init__(self, args: argparse.Namespace, run_dir: Path, enabled: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool = True):
         self.tb = self.wandb = None
         if not enabled:
             return
-        if args.log_tensorboard:
+        if cfg.loop.log_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--log-tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if args.log_wandb:
+        if cfg.loop.log_wandb:
             try:
                 import wandb
             except ImportError:
                 raise UserError("--log-wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb
-            wandb.init(project="vanillakd", name=run_dir.name, dir=str(run_dir), config=plain(vars(args)))
+            wandb.init(project="vanillakd", name=run_dir.name, dir=str(run_dir), config=plain(dict(cfg.flags)))
 
     def log(self, prefix: str, row: Mapping[str, Any], step: int) -> None:
         """Numeric fields of a summary row, as ``prefix/field`` at ``step`` (the epoch)."""

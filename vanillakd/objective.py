@@ -9,7 +9,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from torch import nn
 
 from .features import Features
-from .models import resize_batch
+from .teachers.live import resize_batch
 
 
 def create_base_loss(soft_targets: bool, smoothing: float, bce: bool, bce_target_thresh: float | None) -> nn.Module:
@@ -37,10 +37,11 @@ class KDObjective(nn.Module):
 
     def __init__(self, student: nn.Module, kd_loss: nn.Module | None, base_loss: nn.Module,
                  ori_loss_weight: float = 1.0, kd_loss_weight: float = 1.0, smoothing: float = 0.0,
-                 student_resize: int | None = None):
+                 student_resize: int | None = None, preact: bool = False):
+        """``preact``: the method takes a ResNet's pre-activation stage maps (its registry entry says)."""
         super().__init__()
         self.student = student
-        self.preact = bool(getattr(kd_loss, "preact", False))
+        self.preact = preact
         self.kd_loss = kd_loss
         self.base_loss = base_loss
         self.ori_loss_weight = ori_loss_weight

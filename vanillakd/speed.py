@@ -7,13 +7,16 @@ helps oneDNN little).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
+from dataclasses import replace
 
 import timm
 import torch
+from timm.optim import get_optimizer_class
 from torch import nn
+
+from .config import SpeedConfig
 
 log = logging.getLogger("vanillakd")
 
@@ -30,21 +33,19 @@ def is_conv_net(name: str) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
-def resolve_speed_flags(args: argparse.Namespace, device: torch.device, model_names: list[str]) -> list[str]:
-    """Replace the ``None`` (auto) values of ``--amp``, ``--channels-last`` and ``--pin-mem`` by the choice for
-    ``device``; return what auto turned on, for the log."""
+def resolve_speed(speed: SpeedConfig, device: torch.device, model_names: list[str]) -> tuple[SpeedConfig, list[str]]:
+    """``speed`` with its ``None`` (auto) values of ``--amp``, ``--channels-last`` and ``--pin-mem`` decided for
+    ``device``; and what auto turned on, for the log."""
     cuda = device.type == "cuda"
-    turned_on = []
-    if getattr(args, "amp", None) is None:
-        args.amp = cuda
-        turned_on += ["amp"] if cuda else []
-    if getattr(args, "channels_last", None) is None:
-        args.channels_last = cuda and any(is_conv_net(n) for n in model_names)
-        turned_on += ["channels_last"] if args.channels_last else []
-    if getattr(args, "pin_mem", None) is None:
-        args.pin_mem = cuda
-        turned_on += ["pin_mem"] if cuda else []
-    return turned_on
+    amp = cuda if speed.amp is None else speed.amp
+    channels_last = speed.channels_last
+    if channels_last is None:
+        channels_last = cuda and any(is_conv_net(n) for n in model_names)
+    pin_mem = cuda if speed.pin_mem is None else speed.pin_mem
+    choices = (("amp", speed.amp, amp), ("channels_last", speed.channels_last, channels_last),
+               ("pin_mem", speed.pin_mem, pin_mem))
+    turned_on = [name for name, auto, value in choices if auto is None and value]
+    return replace(speed, amp=amp, channels_last=channels_last, pin_mem=pin_mem), turned_on
 
 
 def optimizer_speed_kwargs(opt: str, device: torch.device, fused: bool | None = None) -> dict[str, bool]:
@@ -55,13 +56,12 @@ def optimizer_speed_kwargs(opt: str, device: torch.device, fused: bool | None = 
     never changes the arithmetic beyond floating-point summation order."""
     if fused is False or (fused is None and device.type != "cuda"):
         return {}
-    from timm.optim._optim_factory import default_registry
     name = opt.lower().split("_")[-1]
     try:
-        cls = default_registry.get_optimizer_info(name).opt_class
-    except (KeyError, ValueError):
-        return {}
-    if isinstance(cls, str):  # lazily-imported optional backends (bitsandbytes, apex): leave them alone
+        cls = get_optimizer_class(name, bind_defaults=False)
+    except (KeyError, ValueError, ImportError, AssertionError):
+        # unknown here (create_optimizer_v2 says so), or an optional backend (bitsandbytes, apex) that is
+        # missing or needs CUDA: leave its arguments alone
         return {}
     params = inspect.signature(cls.__init__).parameters
     if "fused" in params and device.type == "cuda":

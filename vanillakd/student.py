@@ -4,9 +4,9 @@ Several students can share one teacher pass; each owns everything that decides i
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,23 +14,21 @@ from typing import Any
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3
 
 from .checkpoint import load_state_strict, plain, rng_state
-from .cli.train_args import check_list_lengths, setting
-from .data.loader import mixup_active
+from .config import NO_KD, RunConfig, ScheduleConfig, StudentSetting
 from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
 from .features import FeatureModel, Features, FeatureShapes, probe_shapes, resized
-from .losses import create_kd_loss_from_args, get_kd_loss_entry
+from .losses import create_kd_loss_for, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
 from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir
 from .precision import Precision
 from .speed import maybe_compile, optimizer_speed_kwargs
 
-# --kd-loss none: the student trains on its labels alone (the "from scratch" baseline), no teacher pass
-NO_KD = "none"
+__all__ = ["NO_KD", "MicroStep", "StudentContext", "StudentRun", "StudentSetting", "build_scheduler"]
 
 
 @dataclass(frozen=True)
@@ -50,52 +48,32 @@ class MicroStep:
 
 
 @dataclass(frozen=True)
-class StudentSetting:
-    model: str
-    kd_loss: str
-    kd_loss_weight: float
-    ori_loss_weight: float
-    opt: str
-    clip_grad: float | None
-    lr: float
-    weight_decay: float
-    drop: float
-    drop_path: float | None
-    smoothing: float
-    bce_loss: int
-    ema_decays: tuple[float, ...] = ()
+class StudentContext:
+    """What every student of a run shares: where it runs and what the data and the teacher look like.
 
-    @property
-    def tag(self) -> str:
-        return f"{self.model}-{self.kd_loss}"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.kd_loss != NO_KD and self.kd_loss_weight != 0
+    ``loss_kind``: 'logits' (train-kd: logit methods only) or 'features' (train-fd / train-crd: any method);
+    feature methods need ``teacher_shapes``, the training-set size ``num_data`` and the ``input_size``."""
+    device: torch.device
+    precision: Precision
+    num_classes: int
+    updates_per_epoch: int
+    input_size: tuple[int, int, int] | None = None
+    num_data: int = 0
+    teacher_shapes: FeatureShapes | None = None
+    dist: DistInfo = DistInfo()
+    loss_kind: str = "logits"
 
 
-def student_settings(args: argparse.Namespace) -> list[StudentSetting]:
-    """One setting per position of the list-valued flags; settings that differ only in
-    ``--model-ema-decay`` become one student with several EMA copies."""
-    groups: dict[tuple, list[float]] = {}
-    for i in range(check_list_lengths(args)):
-        values = setting(args, i)
-        decay = values.pop("model_ema_decay")
-        groups.setdefault(tuple(values.items()), []).append(decay)
-    return [StudentSetting(**dict(key), ema_decays=tuple(dict.fromkeys(decays)) if args.model_ema else ())
-            for key, decays in groups.items()]
-
-
-def _optimizer(model: torch.nn.Module, s: StudentSetting, args: argparse.Namespace,
+def _optimizer(model: torch.nn.Module, s: StudentSetting, cfg: RunConfig,
                device: torch.device) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(optimizer_speed_kwargs(s.opt, device, getattr(args, "fused_opt", None)))
-    if args.opt_eps is not None:
-        kwargs["eps"] = args.opt_eps
-    if args.opt_betas is not None:
-        kwargs["betas"] = tuple(args.opt_betas)
+    kwargs: dict[str, Any] = dict(optimizer_speed_kwargs(s.opt, device, cfg.speed.fused_opt))
+    if cfg.optim.opt_eps is not None:
+        kwargs["eps"] = cfg.optim.opt_eps
+    if cfg.optim.opt_betas is not None:
+        kwargs["betas"] = tuple(cfg.optim.opt_betas)
     try:
         return create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay,
-                                   momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
+                                   momentum=cfg.optim.momentum, layer_decay=cfg.optim.layer_decay, **kwargs)
     except (AssertionError, ValueError, KeyError) as e:
         raise UserError(f"--opt {s.opt}: {e or 'unknown optimizer'}") from None
 
@@ -110,29 +88,32 @@ def _add_kd_param_groups(optimizer: torch.optim.Optimizer, kd_loss: torch.nn.Mod
             optimizer.add_param_group({**group, "lr": s.lr})
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, updates_per_epoch: int,
+                    seed: int = 42, eval_metric: str = "top1"):
+    """timm's scheduler for the flags; returns (scheduler, number of epochs including cooldown)."""
+    c = schedule
     return create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
-        patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
-        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
-        cycle_mul=args.lr_cycle_mul, cycle_decay=args.lr_cycle_decay, cycle_limit=args.lr_cycle_limit,
-        k_decay=args.lr_k_decay, plateau_mode="min" if args.eval_metric == "loss" else "max",
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+        optimizer, sched=c.sched, num_epochs=c.epochs, decay_epochs=c.decay_epochs,
+        decay_milestones=list(c.decay_milestones), cooldown_epochs=c.cooldown_epochs,
+        patience_epochs=c.patience_epochs, decay_rate=c.decay_rate, min_lr=c.min_lr,
+        warmup_lr=c.warmup_lr, warmup_epochs=c.warmup_epochs, warmup_prefix=c.warmup_prefix,
+        noise=list(c.lr_noise) if c.lr_noise is not None else None, noise_pct=c.lr_noise_pct,
+        noise_std=c.lr_noise_std, noise_seed=seed, cycle_mul=c.lr_cycle_mul, cycle_decay=c.lr_cycle_decay,
+        cycle_limit=c.lr_cycle_limit, k_decay=c.lr_k_decay, plateau_mode="min" if eval_metric == "loss" else "max",
+        step_on_epochs=not c.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
 class NonFiniteLoss(UserError):
     """The loss went NaN / inf: the run stops before anything non-finite is saved."""
 
 
-def _wrap_ddp(objective: torch.nn.Module, device: torch.device, broadcast_buffers: bool):
+def _wrap_ddp(objective: torch.nn.Module, device: torch.device, broadcast_buffers: bool, rank_local_buffers: bool):
     """DDP around the whole objective, so the student and its trainable KD parts (embeddings, ABFs) are
     synchronised together, whatever forward the method uses. Memory banks that each rank updates with
-    gathered samples (CRD) are not broadcast from rank 0."""
+    gathered samples (CRD, ``rank_local_buffers``) are not broadcast from rank 0."""
     from torch.nn.parallel import DistributedDataParallel
     kd = objective.kd_loss
-    ignore = [f"kd_loss.{name}" for name, _ in kd.named_buffers()] if getattr(kd, "needs_contrast", False) else []
+    ignore = [f"kd_loss.{name}" for name, _ in kd.named_buffers()] if rank_local_buffers else []
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, ignore)
     return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
@@ -140,77 +121,93 @@ def _wrap_ddp(objective: torch.nn.Module, device: torch.device, broadcast_buffer
 
 
 class StudentRun:
-    def __init__(self, index: int, s: StudentSetting, args: argparse.Namespace, num_classes: int,
-                 device: torch.device, precision: Precision, updates_per_epoch: int, out_dir: Path,
-                 loss_kind: str = "logits", teacher_shapes: FeatureShapes | None = None, num_data: int = 0,
-                 input_size: tuple[int, int, int] | None = None, dist_info: DistInfo = DistInfo()):
-        """``loss_kind``: 'logits' (train-kd: logit methods only) or 'features' (train-fd / train-crd: any
-        method); feature methods need ``teacher_shapes``, the training-set size and the input size."""
-        self.index, self.setting, self.device, self.precision = index, s, device, precision
-        entry = None if s.kd_loss == NO_KD else get_kd_loss_entry(s.kd_loss)
-        if entry is not None and entry.needs == "features" and loss_kind != "features":
+    def __init__(self, index: int, s: StudentSetting, cfg: RunConfig, ctx: StudentContext, out_dir: Path):
+        self.index, self.setting, self.device, self.precision = index, s, ctx.device, ctx.precision
+        self.entry = None if s.kd_loss == NO_KD else get_kd_loss_entry(s.kd_loss)
+        if self.entry is not None and self.entry.uses_features and ctx.loss_kind != "features":
             raise UserError(f"--kd-loss {s.kd_loss} distils features; use train-fd.py or train-crd.py")
-        # the same seed before each student: a student trained beside others starts from the weights it
-        # would have had alone
-        torch.manual_seed(args.seed)
-        self.model = create_student(
-            s.model, num_classes, pretrained=args.pretrained, initial_checkpoint=args.initial_checkpoint,
-            initial_ema=not args.no_ema_checkpoint, trust=args.trust_checkpoint,
-            drop_rate=s.drop, drop_path_rate=s.drop_path,
-            drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps, in_chans=args.in_chans).to(device)
-        if args.sync_bn:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if args.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        forward_model, kd_loss = self.model, None
-        if entry is not None and entry.needs == "features":
-            forward_model = FeatureModel(self.model, preact=entry.wants_preact(args), name=s.model)
-            student_shapes = probe_shapes(forward_model, resized(input_size, args.student_resize), device)
-            kd_loss = create_kd_loss_from_args(s.kd_loss, args, student_shapes, teacher_shapes, num_data)
-        elif entry is not None:
-            kd_loss = create_kd_loss_from_args(s.kd_loss, args)
-        if kd_loss is not None:
-            kd_loss.to(device)
-            if args.channels_last:
-                kd_loss.to(memory_format=torch.channels_last)
-        self.kd_loss = kd_loss
-        base_loss = create_base_loss(mixup_active(args), s.smoothing, bool(s.bce_loss), args.bce_target_thresh)
-        # the objective runs the compiled module; self.model (saved, evaluated, EMA-tracked) stays the plain one
-        forward_model = maybe_compile(forward_model, getattr(args, "compile", False),
-                                      getattr(args, "compile_mode", None))
-        self.objective = KDObjective(forward_model, kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
-                                     smoothing=s.smoothing if mixup_active(args) else 0.0,
-                                     student_resize=args.student_resize)
-        self.forward = self.objective
-        if dist_info.distributed:
-            self.forward = _wrap_ddp(self.objective, device, broadcast_buffers=not args.no_ddp_bb)
-        self.optimizer = _optimizer(self.model, s, args, device)
-        if kd_loss is not None:
-            _add_kd_param_groups(self.optimizer, kd_loss, s)
-        self.scheduler, self.num_epochs = build_scheduler(self.optimizer, args, updates_per_epoch)
-        self.updates_per_epoch = updates_per_epoch
-        self.scaler = precision.grad_scaler()
-        self.emas = [ModelEmaV3(self.model, decay=d, device=torch.device("cpu") if args.model_ema_force_cpu else None)
-                     for d in s.ema_decays]
-        self._clip_mode = args.clip_mode
+        self.model = self._build_model(cfg, ctx)
+        self.kd_loss, forward_model = self._build_kd_loss(cfg, ctx)
+        self._build_objective(cfg, ctx, forward_model)
+        self.optimizer = _optimizer(self.model, s, cfg, ctx.device)
+        if self.kd_loss is not None:
+            _add_kd_param_groups(self.optimizer, self.kd_loss, s)
+        self.scheduler, self.num_epochs = build_scheduler(self.optimizer, cfg.schedule, ctx.updates_per_epoch,
+                                                          cfg.loop.seed, cfg.loop.eval_metric)
+        self.updates_per_epoch = ctx.updates_per_epoch
+        self.loss_scaler = ctx.precision.loss_scaler()
+        cpu = torch.device("cpu") if cfg.model.model_ema_force_cpu else None
+        self.emas = [ModelEmaV3(self.model, decay=d, device=cpu) for d in s.ema_decays]
+        self._clip_mode = cfg.optim.clip_mode
         self.meta: dict[str, Any] = {}  # data_config, class names: what export and validate need later
         self.num_updates = 0
-        higher = args.eval_metric != "loss"
-        # rank 0 alone writes; the others keep the same bookkeeping in memory
-        self.out_dir = make_output_dir(out_dir) if dist_info.primary else Path(out_dir)
-        self.summary = Summary(self.out_dir / "summary.csv", write=dist_info.primary)
-        self.saver = CheckpointWriter(self.out_dir, higher, write=dist_info.primary)
-        self.ema_savers = [CheckpointWriter(self.out_dir, higher, write=dist_info.primary) for _ in self.emas]
-        self.log = logging.getLogger(f"vanillakd.student{index}")
-        self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if dist_info.primary else None
-        self._sums = torch.zeros(3, device=device)
+        self._build_outputs(out_dir, cfg.loop.higher_is_better, ctx.dist)
+        self._sums = torch.zeros(3, device=ctx.device)
         self._steps = 0
         # first non-finite step of the run and which terms were non-finite there, kept on the device
-        self._bad = torch.full((3,), -1, dtype=torch.int64, device=device)  # step, base bad, kd bad
-        self._max_nonfinite = args.max_nonfinite
+        self._bad = torch.full((3,), -1, dtype=torch.int64, device=ctx.device)  # step, base bad, kd bad
+        self._max_nonfinite = cfg.checkpoint.max_nonfinite
         self._skipped_in_a_row = 0
         self._discard_update = False
+
+    def _build_model(self, cfg: RunConfig, ctx: StudentContext) -> torch.nn.Module:
+        s, m = self.setting, cfg.model
+        # the same seed before each student: a student trained beside others starts from the weights it
+        # would have had alone
+        torch.manual_seed(cfg.loop.seed)
+        model = create_student(
+            s.model, ctx.num_classes, pretrained=m.pretrained, initial_checkpoint=m.initial_checkpoint,
+            initial_ema=not m.no_ema_checkpoint, trust=cfg.checkpoint.trust_checkpoint, drop_rate=s.drop,
+            drop_path_rate=s.drop_path, drop_block_rate=m.drop_block, global_pool=m.gp, bn_momentum=m.bn_momentum,
+            bn_eps=m.bn_eps, in_chans=cfg.data.in_chans).to(ctx.device)
+        if cfg.dist.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.speed.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def _build_kd_loss(self, cfg: RunConfig, ctx: StudentContext):
+        """The method's module (None without a teacher) and the module the objective runs: the student, or
+        a feature wrapper around it for feature methods."""
+        entry, forward_model = self.entry, self.model
+        if entry is None:
+            return None, forward_model
+        if entry.uses_features:
+            forward_model = FeatureModel(self.model, preact=entry.wants_preact(cfg.method_args),
+                                         name=self.setting.model)
+            student_shapes = probe_shapes(forward_model, resized(ctx.input_size, cfg.model.student_resize),
+                                          ctx.device)
+            kd_loss = create_kd_loss_for(self.setting.kd_loss, cfg.method_args, student_shapes, ctx.teacher_shapes,
+                                         ctx.num_data)
+        else:
+            kd_loss = create_kd_loss_for(self.setting.kd_loss, cfg.method_args)
+        kd_loss.to(ctx.device)
+        if cfg.speed.channels_last:
+            kd_loss.to(memory_format=torch.channels_last)
+        return kd_loss, forward_model
+
+    def _build_objective(self, cfg: RunConfig, ctx: StudentContext, forward_model: torch.nn.Module) -> None:
+        s, mixing = self.setting, cfg.aug.mixup_active
+        base_loss = create_base_loss(mixing, s.smoothing, bool(s.bce_loss), cfg.aug.bce_target_thresh)
+        # the objective runs the compiled module; self.model (saved, evaluated, EMA-tracked) stays the plain one
+        forward_model = maybe_compile(forward_model, cfg.speed.compile, cfg.speed.compile_mode)
+        preact = self.entry is not None and self.entry.wants_preact(cfg.method_args)
+        self.objective = KDObjective(forward_model, self.kd_loss, base_loss, s.ori_loss_weight, s.kd_loss_weight,
+                                     smoothing=s.smoothing if mixing else 0.0, student_resize=cfg.model.student_resize,
+                                     preact=preact)
+        self.forward = self.objective
+        if ctx.dist.distributed:
+            self.forward = _wrap_ddp(self.objective, ctx.device, broadcast_buffers=not cfg.dist.no_ddp_bb,
+                                     rank_local_buffers=self.entry is not None and self.entry.uses_contrast)
+
+    def _build_outputs(self, out_dir: Path, higher: bool, info: DistInfo) -> None:
+        # rank 0 alone writes; the others keep the same bookkeeping in memory
+        self.out_dir = make_output_dir(out_dir) if info.primary else Path(out_dir)
+        self.summary = Summary(self.out_dir / "summary.csv", write=info.primary)
+        self.saver = CheckpointWriter(self.out_dir, higher, write=info.primary)
+        self.ema_savers = [CheckpointWriter(self.out_dir, higher, write=info.primary) for _ in self.emas]
+        self.log = logging.getLogger(f"vanillakd.student{self.index}")
+        self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if info.primary else None
 
     def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> tuple[int, int]:
         """Restore everything that decides this student's future from ``ckpt``; return the (epoch, step)
@@ -236,8 +233,8 @@ class StudentRun:
                 raise UserError(f"--resume {path}: its optimizer state does not fit this run "
                                 f"({self._group_mismatch(ckpt) or e}); pass --no-resume-opt to start a fresh "
                                 "optimizer") from None
-            if self.scaler is not None and "scaler" in ckpt:
-                self.scaler.load_state_dict(ckpt["scaler"])
+            if self.loss_scaler.state_dict() and "scaler" in ckpt:
+                self.loss_scaler.load_state_dict(ckpt["scaler"])
         self._load_scheduler(ckpt["scheduler"], path)
         self.num_updates = int(ckpt.get("num_updates", 0))
         best = ckpt.get("best", {})
@@ -324,26 +321,18 @@ class StudentRun:
             else:
                 self._record_nonfinite(loss, terms)
                 scaled = loss / micro.size if micro.size > 1 else loss  # the mean over the update's samples
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                # timm's loss scaler: backward, and on the update's last micro-batch unscale, clip and step
+                update = micro.last and not self._discard_update
+                self.loss_scaler(scaled, self.optimizer, clip_grad=self.setting.clip_grad, clip_mode=self._clip_mode,
+                                 parameters=self._trained_params(), need_update=update)
                 # running sums stay on the device; read only at log intervals
                 self._sums += torch.stack([loss.detach().float(), out["base_loss"].float(), out["kd_loss"].float()])
                 self._steps += 1
-        if micro.last and not self._discard_update:
-            self._update()
+                if update:
+                    self._after_update()
 
-    def _update(self) -> None:
-        """Optimizer step (clipping, loss scaling), then the schedule and EMA counting optimizer updates."""
-        clip = self.setting.clip_grad
-        if self.scaler is not None:
-            if clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if clip is not None:
-                dispatch_clip_grad(self._trained_params(), clip, mode=self._clip_mode)
-            self.optimizer.step()
+    def _after_update(self) -> None:
+        """The schedule and EMA count optimizer updates."""
         self.num_updates += 1
         self.scheduler.step_update(num_updates=self.num_updates)
         for ema in self.emas:
@@ -394,7 +383,7 @@ class StudentRun:
     def end_epoch(self, epoch: int, metric: float | None) -> None:
         self.scheduler.step(epoch + 1, metric)
 
-    def checkpoint(self, epoch: int, args: argparse.Namespace, metric: float | None,
+    def checkpoint(self, epoch: int, flags: Mapping[str, Any], metric: float | None,
                    weights: dict[str, torch.Tensor] | None = None, step: int | None = None) -> dict[str, Any]:
         """Everything needed to validate or continue this student; tensors and plain containers only.
 
@@ -404,13 +393,13 @@ class StudentRun:
             "train_sums": {"sums": self._sums.detach().cpu(), "steps": self._steps},
             "state_dict": weights if weights is not None else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": plain(self.scheduler.state_dict()),
-            "args": plain(vars(args)), "setting": plain(asdict(self.setting)), "metric": metric,
+            "args": plain(dict(flags)), "setting": plain(asdict(self.setting)), "metric": metric,
             "best": {"metric": self.saver.best, "epoch": self.saver.best_epoch,
                      "ema": [[w.best, w.best_epoch] for w in self.ema_savers]},
             "rng": rng_state(), **self.meta,
         }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
+        if self.loss_scaler.state_dict():  # float16's loss scale (full precision and bfloat16 have none)
+            state["scaler"] = self.loss_scaler.state_dict()
         if self.kd_loss is not None and self.kd_loss.state_dict():
             # trainable KD parts and memories, apart from the student so 'state_dict' stays a plain timm checkpoint
             state["kd_state"] = self.kd_loss.state_dict()

@@ -108,7 +108,7 @@ class _Captured(Exception):
 _CAPTURE_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builder_filter(arch: str) -> tuple[bool, Callable | None]:
     """(found, filter): the ``pretrained_filter_fn`` that ``arch``'s entrypoint hands timm's
     ``build_model_with_cfg``, read by calling the entrypoint with that builder replaced by one that stops

@@ -3,7 +3,6 @@ checkpoints of their architectures."""
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ def fetch(name: str, directory: str | os.PathLike | None = None, timeout: float 
                 bar.close()
             if total and f.tell() != total:
                 raise UserError(f"download of {m.url} stopped at {f.tell()} of {total} bytes")
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise UserError(f"cannot download {m.url} ({reason}); without a network, put the file at {dest}") from None

@@ -1,7 +1,7 @@
 """cache-teacher: the teacher's outputs over a training stream, for train-kd.py --teacher-cache."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .train_args import build_train_parser, parse_train_args
 
@@ -19,7 +19,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--cache-dtype", default="auto", choices=["auto", "float16", "float32"],
                    help="auto: float16 for top-k, float32 for full logits")
     args = parse_train_args(parser, argv)
-    from ..cache_teacher import write_cache
-    manifest = write_cache(args)
+    from .run_config import check_run_config, run_config
+    cfg = run_config(args)
+    check_run_config(cfg)
+    from ..teachers.cache_writer import write_cache
+    manifest = write_cache(cfg)
     print(f"teacher cache {args.cache_dir}: {len(manifest['epochs_done'])} epoch(s) done")
     return 0

@@ -1,7 +1,7 @@
 """check-data: list truncated or non-image files in an ImageFolder (the scan training runs at start-up)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .train_args import _Parser
 

@@ -1,7 +1,7 @@
 """export: a checkpoint to a plain timm model folder (model.safetensors + config.json)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .train_args import _Parser
 

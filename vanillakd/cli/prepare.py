@@ -1,7 +1,7 @@
 """prepare: write a dataset as the ImageFolder layout the training scripts read."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .train_args import _Parser
 

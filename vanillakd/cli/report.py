@@ -1,8 +1,8 @@
 """report: tables and plots from finished training output folders."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .train_args import _Parser
 
@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--train-split", default=None)
     g.add_argument("--val-split", default=None)
     args = p.parse_args(argv)
-    from ..report import report
+    from ..tools.report import report
     out = Path(args.out or args.run_dirs[0])
     only = {"dataset": args.dataset, "train_split": args.train_split, "val_split": args.val_split}
     results = report([Path(d) for d in args.run_dirs], out, only)

@@ -6,11 +6,13 @@ Flags listed in ``LIST_FLAGS`` take one or N values: N settings train N students
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
 from ..errors import UserError
+from .method_flags import add_method_args
 
 # flags that may hold one value per student (single values are shared by all students)
 LIST_FLAGS = ("model", "kd_loss", "kd_loss_weight", "ori_loss_weight", "opt", "clip_grad", "lr", "weight_decay",
@@ -116,24 +118,8 @@ def add_kd_args(p: argparse.ArgumentParser, default_loss: str = "kd") -> None:
     g.add_argument("--kd-loss", default=[default_loss], nargs="+", help="distillation method(s) by name")
     g.add_argument("--kd-loss-weight", type=float, default=[1.0], nargs="+")
     g.add_argument("--ori-loss-weight", type=float, default=[1.0], nargs="+")
-    g.add_argument("--temperature", type=pos_float, default=1.0, help="KD / DKD temperature, DIST tau")
-    g.add_argument("--dkd-alpha", type=float, default=1.0)
-    g.add_argument("--dkd-beta", type=float, default=2.0)
-    g.add_argument("--dist-beta", type=float, default=1.0)
-    g.add_argument("--dist-gamma", type=float, default=1.0)
-    g = p.add_argument_group("Feature and contrastive distillation (train-fd / train-crd)")
-    g.add_argument("--feat-dim", type=pos_int, default=128, help="embedding size of Correlation and CRD")
-    g.add_argument("--rkd-distance-weight", type=float, default=25.0)
-    g.add_argument("--rkd-angle-weight", type=float, default=50.0)
-    g.add_argument("--review-warmup-epochs", type=pos_float, default=1.0,
-                   help="ReviewKD's weight ramps up as min(epoch / this, 1)")
-    g.add_argument("--review-preact", action="store_true",
-                   help="ReviewKD on ResNets takes the pre-activation stage maps (residual sums before the "
-                        "last ReLU): the ReviewKD paper's intent, not the VanillaKD baseline, which took the "
-                        "post-ReLU stage outputs (the default)")
-    g.add_argument("--nce-k", type=pos_int, default=16384, help="CRD: contrast samples per image")
-    g.add_argument("--nce-t", type=pos_float, default=0.07, help="CRD: temperature")
-    g.add_argument("--nce-mom", type=float, default=0.5, help="CRD: memory momentum")
+    # each method's own flags (--temperature, --dkd-alpha, --nce-k, ...), as the methods declare them
+    add_method_args(p)
     g = p.add_argument_group("Checkpoints")
     g.add_argument("--resume", default="", metavar="PATH",
                    help="continue a run: its last.pth.tar (or the run folder for several students), or 'auto' "

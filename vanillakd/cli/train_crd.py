@@ -1,7 +1,7 @@
 """train-crd: contrastive representation distillation (CRD); the same engine as train-fd, CRD by default."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import run_cli
 from . import train_fd

@@ -1,19 +1,18 @@
 """train-kd: logit distillation (KD, BKD, DKD, DIST), several students per teacher pass."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import run_cli
-from .train_args import build_train_parser, parse_train_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..losses import list_kd_losses
-    parser = build_train_parser("train-kd.py", "Distill a teacher's logits into one or more timm students. "
-                                f"--kd-loss: {', '.join(list_kd_losses('logits'))}, or none (no teacher).")
-    args = parse_train_args(parser, argv)
-    from ..train import run  # heavy imports after argument parsing, so --help is instant
-    run(args, loss_kind="logits")
+    from .run_config import parse_run_config
+    cfg = parse_run_config(argv, "train-kd.py", description="Distill a teacher's logits into one or more timm "
+                           f"students. --kd-loss: {', '.join(list_kd_losses('logits'))}, or none (no teacher).")
+    from ..train import run
+    run(cfg, loss_kind="logits")
     return 0
 
 

@@ -1,7 +1,7 @@
 """zoo: list the published VanillaKD students, or fetch one."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .train_args import _Parser
 

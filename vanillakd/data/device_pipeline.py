@@ -15,7 +15,6 @@ and travel as uint8 pixels; a batch the device decoder rejects is decoded image 
 """
 from __future__ import annotations
 
-import argparse
 import struct
 import warnings
 from dataclasses import dataclass, fields
@@ -23,6 +22,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ..config import AugConfig
 from ..errors import UserError
 from . import device_augment as aug
 from .prefetch import ExtrasPrefetchLoader
@@ -72,28 +72,28 @@ class DeviceAugmentConfig:
     color_jitter: float | tuple | None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, data_config: dict) -> DeviceAugmentConfig:
+    def from_aug(cls, augment: AugConfig, data_config: dict) -> DeviceAugmentConfig:
         size = tuple(data_config["input_size"][-2:])
         ra, jitter = None, None
-        if not args.no_aug:
-            if args.aa:
-                if not str(args.aa).startswith("rand"):
-                    raise UserError(f"--data-pipeline gpu supports RandAugment (--aa rand-...), not --aa {args.aa}; "
-                                    "use --data-pipeline cpu for other policies")
+        if not augment.no_aug:
+            if augment.aa:
+                if not str(augment.aa).startswith("rand"):
+                    raise UserError(f"--data-pipeline gpu supports RandAugment (--aa rand-...), not --aa "
+                                    f"{augment.aa}; use --data-pipeline cpu for other policies")
                 try:
                     # timm fixes the geometric ops' filter to --train-interpolation unless that is 'random'
-                    ra = aug.RandAugmentConfig.from_timm(args.aa, min(size), tuple(data_config["mean"]),
-                                                         interpolation=args.train_interpolation)
+                    ra = aug.RandAugmentConfig.from_timm(augment.aa, min(size), tuple(data_config["mean"]),
+                                                         interpolation=augment.train_interpolation)
                 except ValueError as e:
-                    raise UserError(f"--aa {args.aa}: {e}") from None
-            elif args.color_jitter:
-                jitter = args.color_jitter  # timm: colour jitter only without an auto-augment policy
-        interpolation = args.train_interpolation
+                    raise UserError(f"--aa {augment.aa}: {e}") from None
+            elif augment.color_jitter:
+                jitter = augment.color_jitter  # timm: colour jitter only without an auto-augment policy
+        interpolation = augment.train_interpolation
         if interpolation not in ("random", "bilinear", "bicubic"):
             raise UserError(f"--data-pipeline gpu: --train-interpolation {interpolation} is not supported "
                             "(random, bilinear or bicubic)")
-        return cls(size, tuple(args.scale), tuple(args.ratio), args.hflip, args.vflip, interpolation, args.no_aug,
-                   ra, jitter)
+        return cls(size, tuple(augment.scale), tuple(augment.ratio), augment.hflip, augment.vflip, interpolation,
+                   augment.no_aug, ra, jitter)
 
 
 class DeviceStreamDataset(torch.utils.data.Dataset):

@@ -77,7 +77,7 @@ class SplitDataset:
 
     def identity(self) -> str:
         """A digest of which samples (and labels) the split holds: the teacher cache checks it."""
-        from ..teacher_cache import samples_digest
+        from ..teachers.cache import samples_digest
         if self.kind == "folder":
             return samples_digest(self.dataset.reader.samples, self.root)
         import hashlib

@@ -1,9 +1,17 @@
-"""Helpers shared by the feature losses."""
+"""Helpers and flags shared by several methods (a shared flag is declared by each method using it)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from .registry import MethodFlag
+
+# kd, dkd and dist (DIST's tau: ``TEMPERATURE.feeding("tau")``)
+TEMPERATURE = MethodFlag("--temperature", "temperature", float, 1.0, help="KD / DKD temperature, DIST tau",
+                         positive=True)
+# correlation and crd
+FEAT_DIM = MethodFlag("--feat-dim", "feat_dim", int, 128, help="embedding size of Correlation and CRD", positive=True)
 
 
 def last_feature(features: list[torch.Tensor]) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..distributed import all_gather_cat, all_reduce_mean
-from ._common import full_precision, last_feature
-from .registry import register_kd_loss
+from ._common import FEAT_DIM, full_precision, last_feature
+from .registry import FeatureKDLoss, MethodFlag, register_kd_loss
 
 
 class Embed(nn.Module):
@@ -33,11 +33,13 @@ def nce_loss(x: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
     return -(log_pos.sum() + log_neg.sum()) / batch
 
 
-@register_kd_loss("crd", arg_map={"feat_dim": "feat_dim", "k": "nce_k", "momentum": "nce_mom",
-                                  "temperature": "nce_t"}, needs="features")
-class CRD(nn.Module):
-    needs_contrast = True  # the loader must supply index and contrastive_index
-
+@register_kd_loss("crd", needs={"features", "contrast"}, flags=(
+    FEAT_DIM,
+    MethodFlag("--nce-k", "k", int, 16384, help="CRD: contrast samples per image", positive=True),
+    MethodFlag("--nce-t", "temperature", float, 0.07, help="CRD: temperature", positive=True),
+    MethodFlag("--nce-mom", "momentum", float, 0.5, help="CRD: memory momentum"),
+))
+class CRD(FeatureKDLoss):
     def __init__(self, feat_s_channel: int, feat_t_channel: int, feat_dim: int = 128, num_data: int = 0,
                  k: int = 16384, momentum: float = 0.5, temperature: float = 0.07):
         super().__init__()
@@ -53,8 +55,8 @@ class CRD(nn.Module):
         self.register_buffer("z", torch.full((2,), -1.0))
 
     @classmethod
-    def from_shapes(cls, student, teacher, num_data: int, **kwargs) -> "CRD":
-        return cls(student.pooled, teacher.pooled, num_data=num_data, **kwargs)
+    def from_shapes(cls, student_shapes, teacher_shapes, num_data: int, **kwargs) -> CRD:
+        return cls(student_shapes.pooled, teacher_shapes.pooled, num_data=num_data, **kwargs)
 
     def forward(self, feature_student: list[torch.Tensor], feature_teacher: list[torch.Tensor],
                 index: torch.Tensor, contrastive_index: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_kd_loss
+from ._common import TEMPERATURE
+from .registry import MethodFlag, register_kd_loss
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -16,7 +17,11 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.T
     return _cosine(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), eps)
 
 
-@register_kd_loss("dist", arg_map={"beta": "dist_beta", "gamma": "dist_gamma", "tau": "temperature"})
+@register_kd_loss("dist", needs={"logits"}, flags=(
+    TEMPERATURE.feeding("tau"),
+    MethodFlag("--dist-beta", "beta", float, 1.0),
+    MethodFlag("--dist-gamma", "gamma", float, 1.0),
+))
 class DIST(nn.Module):
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0):
         super().__init__()

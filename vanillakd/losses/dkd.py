@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_kd_loss
+from ._common import TEMPERATURE
+from .registry import MethodFlag, register_kd_loss
 
 
 def hard_target(target: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,11 @@ def dkd_loss(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tensor,
     return alpha * tckd + beta * nckd
 
 
-@register_kd_loss("dkd", arg_map={"alpha": "dkd_alpha", "beta": "dkd_beta", "temperature": "temperature"})
+@register_kd_loss("dkd", needs={"logits"}, flags=(
+    TEMPERATURE,
+    MethodFlag("--dkd-alpha", "alpha", float, 1.0),
+    MethodFlag("--dkd-beta", "beta", float, 2.0),
+))
 class DKD(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 2.0, temperature: float = 1.0):
         super().__init__()

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import TEMPERATURE
 from .registry import register_kd_loss
 
 
-@register_kd_loss("kd", arg_map={"temperature": "temperature"})
+@register_kd_loss("kd", needs={"logits"}, flags=(TEMPERATURE,))
 class KLDiv(nn.Module):
     """``T^2 * mean_b KL(softmax(z_t/T) || softmax(z_s/T))``."""
 
@@ -25,7 +26,7 @@ class KLDiv(nn.Module):
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T ** 2
 
 
-@register_kd_loss("bkd")
+@register_kd_loss("bkd", needs={"logits"})
 class BinaryKLDiv(nn.Module):
     """Per-class BCE against the teacher's softmax, mean over batch and classes (no temperature)."""
 

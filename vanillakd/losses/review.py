@@ -6,13 +6,13 @@ models works; each ABF output is sized to its teacher map.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_kd_loss
+from .registry import FeatureKDLoss, MethodFlag, register_kd_loss
 
 
 def hcl_loss(fs_list: Sequence[torch.Tensor], ft_list: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -60,9 +60,15 @@ def _as_map(f: torch.Tensor) -> torch.Tensor:
     return f if f.ndim == 4 else f.reshape(f.shape[0], -1, 1, 1)
 
 
-@register_kd_loss("review", arg_map={"warmup_epochs": "review_warmup_epochs", "preact": "review_preact"},
-                  needs="features")
-class ReviewKD(nn.Module):
+@register_kd_loss("review", needs={"features"}, preact="--review-preact", flags=(
+    MethodFlag("--review-warmup-epochs", "warmup_epochs", float, 1.0,
+               help="ReviewKD's weight ramps up as min(epoch / this, 1)", positive=True),
+    MethodFlag("--review-preact", "preact", bool, False,
+               help="ReviewKD on ResNets takes the pre-activation stage maps (residual sums before the last ReLU): "
+                    "the ReviewKD paper's intent, not the VanillaKD baseline, which took the post-ReLU stage "
+                    "outputs (the default)"),
+))
+class ReviewKD(FeatureKDLoss):
     """``in_channels`` / ``out_channels``: student / teacher channels of each feature, shallow to deep, the
     pooled feature last; ``out_shapes``: the teacher's (H, W) for each (the pooled one is (1, 1)).
 
@@ -71,8 +77,6 @@ class ReviewKD(nn.Module):
     VanillaKD baseline: it kept each residual sum as the map, but the block's in-place ReLU then overwrote that
     tensor, so what ReviewKD got was post-ReLU.
     """
-
-    preact_flag = "review_preact"  # the training flag that sets ``preact`` (read before the loss exists)
 
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int],
                  out_shapes: Sequence[tuple[int, int]], mid_channel: int | None = None, warmup_epochs: float = 1.0,
@@ -89,10 +93,11 @@ class ReviewKD(nn.Module):
         self.warmup_epochs = warmup_epochs
 
     @classmethod
-    def from_shapes(cls, student, teacher, num_data: int, **kwargs) -> "ReviewKD":
-        n = min(len(student.channels), len(teacher.channels))  # the deepest n stages of each
-        return cls(student.channels[-n:] + [student.pooled], teacher.channels[-n:] + [teacher.pooled],
-                   list(teacher.sizes[-n:]) + [(1, 1)], **kwargs)
+    def from_shapes(cls, student_shapes, teacher_shapes, num_data: int, **kwargs) -> ReviewKD:
+        s, t = student_shapes, teacher_shapes
+        n = min(len(s.channels), len(t.channels))  # the deepest n stages of each
+        return cls(s.channels[-n:] + [s.pooled], t.channels[-n:] + [t.pooled], list(t.sizes[-n:]) + [(1, 1)],
+                   **kwargs)
 
     def forward(self, feature_student: Sequence[torch.Tensor], feature_teacher: Sequence[torch.Tensor],
                 epoch: float | None = None, **kwargs) -> torch.Tensor:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._common import full_precision, last_feature
-from .registry import register_kd_loss
+from .registry import FeatureKDLoss, MethodFlag, register_kd_loss
 
 
 def pdist(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
@@ -22,17 +21,15 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u, u.transpose(1, 2)).view(-1)
 
 
-@register_kd_loss("rkd", arg_map={"distance_weight": "rkd_distance_weight", "angle_weight": "rkd_angle_weight"},
-                  needs="features")
-class RKD(nn.Module):
+@register_kd_loss("rkd", needs={"features"}, flags=(
+    MethodFlag("--rkd-distance-weight", "distance_weight", float, 25.0),
+    MethodFlag("--rkd-angle-weight", "angle_weight", float, 50.0),
+))
+class RKD(FeatureKDLoss):
     def __init__(self, distance_weight: float = 25, angle_weight: float = 50, eps: float = 1e-12,
                  squared: bool = False):
         super().__init__()
         self.distance_weight, self.angle_weight, self.eps, self.squared = distance_weight, angle_weight, eps, squared
-
-    @classmethod
-    def from_shapes(cls, student, teacher, num_data: int, **kwargs) -> "RKD":
-        return cls(**kwargs)
 
     def forward(self, feature_student: list[torch.Tensor], feature_teacher: list[torch.Tensor],
                 **kwargs) -> torch.Tensor:

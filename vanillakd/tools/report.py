@@ -6,13 +6,13 @@ import csv
 import io
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import yaml
 
-from .checkpoint import atomic_write_text
-from .outputs import read_summary
+from ..checkpoint import atomic_write_text
+from ..outputs import read_summary
 
 RESULT_FIELDS = ["method", "model", "dataset", "fraction", "seed", "top1", "top5", "agreement", "epochs",
                  "train_images", "wall_time_s", "run_dir"]
@@ -150,7 +150,7 @@ def plot_curves(run_dirs: Sequence[Path], path: Path, title: str = "") -> None:
 def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> list[dict]:
     """results.csv, results.md and curve plots for every run below ``paths``; ``only`` (dataset flags, e.g.
     ``{'dataset': 'torch/cifar100'}``) keeps the runs trained with those values."""
-    from .errors import UserError
+    from ..errors import UserError
     runs = find_runs(paths)
     if not runs:
         raise UserError(f"no finished training runs (summary.csv + args.yaml) under {', '.join(map(str, paths))}")
@@ -167,7 +167,7 @@ def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> li
     by_parent: dict[Path, list[Path]] = defaultdict(list)
     for d in runs:
         by_parent[d.parent if d.name.startswith("student") else d].append(d)
-    for i, (parent, dirs) in enumerate(sorted(by_parent.items())):
+    for parent, dirs in sorted(by_parent.items()):
         plot_curves(dirs, out_dir / f"curves-{parent.name}.png", parent.name)
     if len({float(r["fraction"]) for r in results}) > 1:
         plot_fraction(results, out_dir / "top1_vs_fraction.png")

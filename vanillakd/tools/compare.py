@@ -6,20 +6,18 @@ and is skipped on the next invocation; an interrupted one resumes from its check
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_text
-from .cli.train_args import _Parser
-from .errors import UserError
+from ..checkpoint import atomic_write_text
+from ..errors import UserError
 from .report import markdown_table, plot_curves, plot_fraction, run_result, write_results_csv
-from .train import run_argv
 
 log = logging.getLogger("vanillakd")
 
@@ -30,58 +28,31 @@ GRID_KEYS = {"data_dir", "model", "methods", "fractions", "seeds", "teacher", "t
 DATASET_KEYS = ("dataset", "train_split", "val_split", "class_map", "input_img_mode")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vanillakd compare", description=__doc__,
-                epilog="Any other flag (after --) is passed to every train-kd run: the shared recipe.")
-    p.add_argument("data_dir", nargs="?", default=None, metavar="DIR")
-    p.add_argument("-c", "--config", default="", help="YAML grid: any of " + ", ".join(sorted(GRID_KEYS)))
-    p.add_argument("--model", default=None, help="the student architecture (one for every cell)")
-    p.add_argument("--methods", nargs="+", default=None, help="kd losses; 'none' is the student without KD")
-    p.add_argument("--fractions", nargs="+", type=float, default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--teacher", default=None)
-    p.add_argument("--teacher-pretrained", default=None, help="teacher weights; or --train-teacher-epochs")
-    p.add_argument("--train-teacher-epochs", type=int, default=None,
-                   help="train the teacher here first (with the shared recipe; reused when present)")
-    p.add_argument("--train-teacher-fraction", type=float, default=None)
-    p.add_argument("--output", default=None, help="the comparison's folder")
-    g = p.add_argument_group("Dataset (train-kd's flags, for every run)")
-    g.add_argument("-d", "--dataset", default=None, help="folder (default), torch/NAME, hfds/NAME or wds/NAME")
-    g.add_argument("--train-split", default=None)
-    g.add_argument("--val-split", default=None)
-    g.add_argument("--class-map", default=None)
-    g.add_argument("--input-img-mode", default=None)
-    g.add_argument("--dataset-download", action="store_true", default=None)
-    return p
-
-
 def dataset_flags(grid: dict) -> list[str]:
     """The grid's dataset keys as train-kd flags."""
     flags = [f"--{k.replace('_', '-')}={grid[k]}" for k in DATASET_KEYS if grid.get(k) not in (None, "")]
     return flags + (["--dataset-download"] if grid.get("dataset_download") else [])
 
 
-def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
-    """The grid from YAML (if any) overridden by flags; the rest of argv is the shared train-kd recipe."""
-    argv = list(argv)
-    recipe: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, recipe = argv[:i], argv[i + 1:]
-    args = build_parser().parse_args(argv)
+def build_grid(flags: Mapping[str, Any], recipe: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """The grid from the YAML file ``flags['config']`` (if any) overridden by the other ``flags`` that are not
+    None (grid keys, as ``cli.compare`` parses them); ``recipe``: train-kd flags for every run, after the grid's.
+    Returns the grid and the full recipe (with the dataset flags)."""
+    config = flags.get("config") or ""
+    recipe = list(recipe)
     grid = {"methods": ["none", "kd", "dkd", "dist"], "fractions": [1.0], "seeds": [0], "output": "runs/compare",
             "train_teacher_fraction": 1.0, "recipe": []}
-    if args.config:
+    if config:
         try:
-            cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+            cfg = yaml.safe_load(Path(config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read the grid {args.config}: {e}") from None
+            raise UserError(f"cannot read the grid {config}: {e}") from None
         unknown = set(cfg) - GRID_KEYS
         if unknown:
-            raise UserError(f"grid {args.config}: unknown keys {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+            raise UserError(f"grid {config}: unknown keys {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
         grid.update(cfg)
     for key in GRID_KEYS - {"recipe"}:
-        value = getattr(args, key, None)
+        value = flags.get(key)
         if value is not None:
             grid[key] = value
     grid["recipe"] = [str(x) for x in grid.get("recipe") or []] + recipe
@@ -99,7 +70,11 @@ def _cell_name(fraction: float, seed: int) -> str:
     return f"frac{fraction:g}-seed{seed}"
 
 
-def ensure_teacher(grid: dict, recipe: list[str], out: Path) -> str:
+# runs ``train-kd.py`` with a command line, returns each student's result (``cli.run_config.run_train_argv``)
+TrainRunner = Callable[[list[str]], list[dict]]
+
+
+def ensure_teacher(grid: dict, recipe: list[str], out: Path, run_argv: TrainRunner) -> str:
     """The teacher's weights: given, or trained here once with the shared recipe."""
     if grid.get("teacher_pretrained"):
         return str(grid["teacher_pretrained"])
@@ -118,13 +93,13 @@ def ensure_teacher(grid: dict, recipe: list[str], out: Path) -> str:
     return str(best)
 
 
-def compare(argv: Sequence[str]) -> tuple[list[dict], Path]:
-    """Run (or take up) the grid; return the result rows and the comparison's folder."""
-    grid, recipe = load_grid(argv)
+def compare(grid: dict, recipe: list[str], run_argv: TrainRunner) -> tuple[list[dict], Path]:
+    """Run (or take up) the grid (``build_grid``'s grid and full recipe); return the result rows and the
+    comparison's folder."""
     out = Path(grid["output"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(yaml.safe_dump(dict(grid), sort_keys=False), out / "grid.yaml")
-    teacher_weights = ensure_teacher(grid, recipe, out)
+    teacher_weights = ensure_teacher(grid, recipe, out, run_argv)
     methods = list(grid["methods"])
     results: list[dict] = []
     for fraction in grid["fractions"]:
@@ -164,14 +139,3 @@ def _write_outputs(results: list[dict], methods: list[str], out: Path) -> None:
     atomic_write_text(table, out / "results.md")
     if len({float(r["fraction"]) for r in results}) > 1:
         plot_fraction(results, out / "top1_vs_fraction.png")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import sys
-
-    from .outputs import setup_console_logging
-    setup_console_logging()
-    results, out = compare(sys.argv[1:] if argv is None else argv)
-    print((out / "results.md").read_text(), end="")
-    print(f"{len(results)} runs; {out / 'results.csv'}, {out / 'results.md'}, plots in {out}")
-    return 0

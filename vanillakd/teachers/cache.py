@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .errors import UserError
+from ..checkpoint import atomic_write
+from ..config import TeacherConfig
+from ..errors import UserError
 
 MANIFEST = "manifest.json"
 VAL_TOP1 = "val_top1.npy"  # the teacher's top-1 class per val image, in the eval loader's order
@@ -81,23 +83,23 @@ def samples_digest(samples: list[tuple[str, int]], root: str | os.PathLike) -> s
     return h.hexdigest()
 
 
-def stream_description(args, data_config: dict, train_files: str, train_images: int, world_size: int, steps: int,
-                       num_classes: int, streaming: bool = False) -> dict[str, Any]:
-    """Everything the training stream depends on, as plain JSON values. ``train_files``: the training split's
-    identity (``SplitDataset.identity``); streamed shards' order also depends on the loader's worker count."""
-    desc = {k: _plain(getattr(args, k, STREAM_DEFAULTS.get(k))) for k in STREAM_FLAGS}
+def stream_description(flags: Mapping[str, Any], data_config: dict, train_files: str, train_images: int,
+                       world_size: int, steps: int, num_classes: int, streaming: bool = False) -> dict[str, Any]:
+    """Everything the training stream depends on, as plain JSON values. ``flags``: the run's flag values by
+    name (``RunConfig.flags``); ``train_files``: the training split's identity (``SplitDataset.identity``);
+    streamed shards' order also depends on the loader's worker count."""
+    desc = {k: _plain(flags.get(k, STREAM_DEFAULTS.get(k))) for k in STREAM_FLAGS}
     desc.update(data_config={k: _plain(data_config[k]) for k in ("input_size", "mean", "std", "interpolation")},
                 train_files=train_files, train_images=train_images, world_size=world_size,
                 steps_per_epoch=steps, num_classes=num_classes)
     if streaming:
-        desc["workers"] = args.workers
+        desc["workers"] = flags["workers"]
     return desc
 
 
-def teacher_description(args) -> dict[str, Any]:
-    weights = getattr(args, "teacher_pretrained", None)
-    return {"name": args.teacher, "weights_sha256": file_digest(weights) if weights else None,
-            "resize": args.teacher_resize, "norm": args.teacher_norm}
+def teacher_description(teacher: TeacherConfig) -> dict[str, Any]:
+    return {"name": teacher.name, "weights_sha256": file_digest(teacher.weights) if teacher.weights else None,
+            "resize": teacher.resize, "norm": teacher.norm}
 
 
 def teacher_difference(cached: dict, run: dict, compare_weights: bool = True) -> list[str]:

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Sequence
 
-from .cli.train_args import _Parser
-from .data.fashion_mnist import is_prepared, make_subset, prepare_fashion_mnist
-from .train import run_argv
+from ..data.fashion_mnist import is_prepared, make_subset, prepare_fashion_mnist
 
 log = logging.getLogger("vanillakd")
 
@@ -29,29 +27,10 @@ def _teacher_key(args) -> dict:
             "lr": args.teacher_lr, "seed": args.seed, "val_per_class": args.val_per_class}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="vanillakd demo", description=__doc__)
-    p.add_argument("--data", default="data/fashion-mnist", help="Fashion-MNIST ImageFolder (prepared if missing)")
-    p.add_argument("--source", default=None, help="folder with the idx files (default: Debian's package)")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--teacher-model", default="test_resnet")
-    p.add_argument("--teacher-per-class", type=int, default=2000)
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--teacher-lr", type=float, default=3e-3)
-    p.add_argument("--student-model", default="test_resnet")
-    p.add_argument("--student-per-class", type=int, default=200)
-    p.add_argument("--student-epochs", type=int, default=15)
-    p.add_argument("--student-lr", type=float, default=3e-3)
-    p.add_argument("--val-per-class", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (tiny models on 2 cores: one thread and one loader worker are fastest)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    from .outputs import setup_console_logging
-    setup_console_logging()
+def run_demo(args, run_argv: Callable[[list[str]], list[dict]]) -> str:
+    """Prepare the data, train (or reuse) the teacher, train the three students; return the markdown table.
+    ``args``: ``cli.demo``'s flags (any object with those attributes); ``run_argv``: runs a train-kd command
+    line and returns its students' results (``cli.run_config.run_train_argv``)."""
     import torch
     torch.set_num_threads(args.threads)
 
@@ -96,5 +75,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     table += [f"| {a} | {b} | {c} | {d:.2f} |" for a, b, c, d in rows]
     text = "\n".join(table)
     (out / "demo-results.md").write_text(text + "\n")
-    print("\nFashion-MNIST, val " + f"{args.val_per_class}/class:\n" + text)
-    return 0
+    return text

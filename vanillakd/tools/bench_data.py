@@ -7,29 +7,17 @@ Without ``--data-dir`` it writes ImageNet-like JPEGs (500x375, smooth content pl
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..config import RunConfig
+from .bench import Configure, bench_device, kd_step_fn
+
 A2_FLAGS = ["--aa", "rand-m7-mstd0.5-inc1", "--mixup", "0.1", "--cutmix", "1.0", "--smoothing", "0.0"]
-
-
-def add_data_bench_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--data mode")
-    g.add_argument("--data-dir", default=None, help="a folder of class folders of images (default: synthetic JPEGs)")
-    g.add_argument("--num-images", type=int, default=512, help="synthetic JPEGs to write / images to read")
-    g.add_argument("--data-img-size", type=int, default=224)
-    g.add_argument("--data-batch-size", type=int, default=64)
-    g.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
-    g.add_argument("--with-kd", action="store_true",
-                   help="also end to end through the KD step of --student <- --teacher (with --compile, --amp ...)")
-    g.add_argument("--pipelines", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
-    g.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=None,
-                   help="augmentation flags of the training scripts (default: the A2 recipe's: "
-                        + " ".join(A2_FLAGS) + ")")
 
 
 def write_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0,
@@ -60,18 +48,18 @@ def _write_jpeg(job) -> None:
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def _train_args(a: argparse.Namespace, workers: int, pipeline: str, device: torch.device) -> argparse.Namespace:
-    from ..cli.train_args import build_train_parser
+def _train_config(a: Any, workers: int, pipeline: str, device: torch.device, configure: Configure) -> RunConfig:
+    """The loaders are built from a train-kd command line, exactly as a training run builds them."""
     flags = a.recipe_flags if a.recipe_flags is not None else A2_FLAGS
-    return build_train_parser("bench", "").parse_args(
-        ["x", "--img-size", str(a.data_img_size), "-b", str(a.data_batch_size), "--workers", str(workers),
-         "--data-pipeline", pipeline, "--pin-mem" if device.type == "cuda" else "--no-pin-mem", *flags])
+    pin = "--pin-mem" if device.type == "cuda" else "--no-pin-mem"
+    return configure(["x", "--img-size", str(a.data_img_size), "-b", str(a.data_batch_size), "--workers",
+                      str(workers), "--data-pipeline", pipeline, pin, *flags])
 
 
-def per_worker_rate(dataset, args: argparse.Namespace, data_config: dict, pipeline: str, n: int) -> float:
+def per_worker_rate(dataset, cfg: RunConfig, data_config: dict, pipeline: str, n: int) -> float:
     """img/s of one process producing samples for ``pipeline`` (what one loader worker does)."""
-    from .loader import train_dataset_view
-    view = train_dataset_view(dataset, data_config, args, pipeline)
+    from ..data.loader import train_dataset_view
+    view = train_dataset_view(dataset, data_config, cfg, pipeline)
     keys = [(0, i, i % len(dataset)) for i in range(n)]
     view[keys[0]]  # imports, first-call set-up
     t0 = time.perf_counter()
@@ -80,12 +68,12 @@ def per_worker_rate(dataset, args: argparse.Namespace, data_config: dict, pipeli
     return n / (time.perf_counter() - t0)
 
 
-def end_to_end_rate(dataset, args: argparse.Namespace, data_config: dict, num_classes: int,
+def end_to_end_rate(dataset, cfg: RunConfig, data_config: dict, num_classes: int,
                     device: torch.device, epochs: int = 2, step=None) -> float:
     """img/s of the training loader delivering normalised, mixed batches on ``device`` (second epoch timed, so
     worker start-up is excluded); with ``step(x, target)`` each batch also goes through it (the KD step)."""
-    from .loader import build_train_loader, set_epoch
-    loader = build_train_loader(dataset, data_config, args, num_classes, device)
+    from ..data.loader import build_train_loader, set_epoch
+    loader = build_train_loader(dataset, data_config, cfg, num_classes, device)
     rate = 0.0
     for epoch in range(epochs):
         set_epoch(loader, epoch)
@@ -100,12 +88,11 @@ def end_to_end_rate(dataset, args: argparse.Namespace, data_config: dict, num_cl
     return rate
 
 
-def data_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
+def data_bench(a: Any, tmp: Path, command: str, configure: Configure) -> dict:
     """The pipelines' rates; JPEGs are written under ``tmp`` unless ``--data-dir`` is given."""
     from timm.data import create_dataset, resolve_data_config
 
-    from ..bench import bench_device, kd_step_fn
-    device, precision = bench_device(a)
+    device, precision, a = bench_device(a)
     root = Path(a.data_dir) if a.data_dir else write_jpegs(tmp / "jpegs", a.num_images)
     dataset = create_dataset("", root=str(root), is_training=True)
     # with the KD step, the models keep --num-classes (the same compiled graphs as the step bench)
@@ -113,7 +100,7 @@ def data_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
     kd_step = None
     if a.with_kd:
         a.img_size, a.batch_size, a.num_classes = a.data_img_size, a.data_batch_size, num_classes
-        kd_step = kd_step_fn(a, device, precision, tmp / "student")
+        kd_step = kd_step_fn(a, device, precision, tmp / "student", configure)
         res_kd = {"student": a.student, "teacher": a.teacher, "compile": a.compile, "amp": a.amp}
     res = {"mode": "data", "device_type": device.type, "images": len(dataset), "img_size": a.data_img_size,
            "batch_size": a.data_batch_size, "recipe": a.recipe_flags or A2_FLAGS, "rows": [],
@@ -121,18 +108,18 @@ def data_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
     if device.type == "cuda":
         res["device"] = torch.cuda.get_device_name(device)
     for pipeline in a.pipelines:
-        args = _train_args(a, 0, pipeline, device)
+        cfg = _train_config(a, 0, pipeline, device, configure)
         data_config = resolve_data_config({"img_size": a.data_img_size})
         n = min(len(dataset), 128)
         res["rows"].append({"pipeline": pipeline, "stage": "per worker", "workers": 1,
-                            "img_s": per_worker_rate(dataset, args, data_config, pipeline, n)})
+                            "img_s": per_worker_rate(dataset, cfg, data_config, pipeline, n)})
         for workers in a.data_workers:
-            args = _train_args(a, workers, pipeline, device)
+            cfg = _train_config(a, workers, pipeline, device, configure)
             res["rows"].append({"pipeline": pipeline, "stage": "end to end", "workers": workers,
-                                "img_s": end_to_end_rate(dataset, args, data_config, num_classes, device)})
+                                "img_s": end_to_end_rate(dataset, cfg, data_config, num_classes, device)})
             if kd_step is not None:
                 res["rows"].append({"pipeline": pipeline, "stage": "with KD step", "workers": workers,
-                                    "img_s": end_to_end_rate(dataset, args, data_config, num_classes, device,
+                                    "img_s": end_to_end_rate(dataset, cfg, data_config, num_classes, device,
                                                              step=kd_step)})
     return res
 

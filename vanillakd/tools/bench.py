@@ -12,51 +12,27 @@ Not a test: timings are noisy on shared machines; run it alone and compare numbe
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import torch
+
+from ..config import RunConfig, SpeedConfig
+
+# a train-kd command line -> its checked RunConfig (``cli.run_config.parse_run_config``): the benchmarks build
+# students and loaders exactly as training runs do, from the flags a user would pass
+Configure = Callable[[Sequence[str]], RunConfig]
 
 STEP_KEYS = ("teacher_forward", "student_step", "kd_step", "original_kd_step", "cached_kd_step")
 LABELS = {"teacher_forward": "(a) teacher forward", "student_step": "(b) student step",
           "kd_step": "(c) our KD step", "original_kd_step": "(d) original-style KD step",
           "cached_kd_step": "(e) KD step, teacher cache"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .cli.train_args import _Parser
-    p = _Parser(prog="vanillakd bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", default="test_resnet")
-    p.add_argument("--teacher", default="resnet10t")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--kd-loss", default="kd")
-    p.add_argument("--opt", default="lamb")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round counts")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on for conv nets on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher in (a), (b), (c), (e)")
-    p.add_argument("--cache-topk", type=int, default=10, help="(e): top-k of the cache (0 = full logits)")
-    p.add_argument("--only", nargs="+", choices=STEP_KEYS, default=None, help="measure only these")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--data", action="store_true",
-                   help="measure the input pipelines instead (flags under --data mode below)")
-    from .data.bench_data import add_data_bench_args
-    add_data_bench_args(p)
-    return p
 
 
 def median_round_time(fns: dict[str, Callable[[], None]], steps: int, rounds: int, warmup: int,
@@ -87,39 +63,43 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def in_temp_dir(fn: Callable, a: argparse.Namespace, command: str) -> dict:
-    """``fn(a, folder, command)`` with a scratch folder that is removed afterwards (students' outputs, JPEGs)."""
+def in_temp_dir(fn: Callable, a: Any, command: str, configure: Configure) -> dict:
+    """``fn(a, folder, command, configure)`` with a scratch folder that is removed afterwards (students'
+    outputs, JPEGs)."""
     with tempfile.TemporaryDirectory(prefix="vanillakd-bench-") as tmp:
-        return fn(a, Path(tmp), command)
+        return fn(a, Path(tmp), command, configure)
 
 
-def bench_device(a: argparse.Namespace):
-    """The device and precision of a benchmark; the auto speed flags resolved as a training run would."""
-    from .precision import Precision, resolve_device
-    from .speed import resolve_speed_flags
+def bench_device(a: Any):
+    """The device and precision of a benchmark, and the bench's flags with the auto speed switches resolved
+    as a training run resolves them (``a``: the bench's parsed flags, left as they are)."""
+    from ..precision import Precision, resolve_device
+    from ..speed import resolve_speed
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
-    resolve_speed_flags(a, device, [a.student])
-    return device, Precision.create(device, a.amp)
+    asked = SpeedConfig(device=a.device, amp=a.amp, amp_dtype="auto", pin_mem=None, fused_opt=None,
+                        channels_last=a.channels_last, compile=a.compile, compile_mode=None)
+    speed, _ = resolve_speed(asked, device, [a.student])
+    a = SimpleNamespace(**{**vars(a), "amp": speed.amp, "channels_last": speed.channels_last})
+    return device, Precision.create(device, bool(speed.amp)), a
 
 
-def bench_student(a: argparse.Namespace, kd_loss: str, device: torch.device, precision, out_dir: Path):
+def bench_student(a: Any, kd_loss: str, device: torch.device, precision, out_dir: Path, configure: Configure):
     """A student through the same ``StudentRun`` the training scripts build (mixup targets, --opt, speed flags)."""
-    from .cli.train_args import build_train_parser
-    from .student import StudentRun, student_settings
+    from ..student import StudentContext, StudentRun
     flags = ["x", "--model", a.student, "--kd-loss", kd_loss, "--opt", a.opt, "--lr", "1e-3", "--mixup", "0.1",
              "--output", str(out_dir), "--channels-last" if a.channels_last else "--no-channels-last"]
-    args = build_train_parser("bench", "").parse_args(flags + (["--compile"] if a.compile else []))
-    st = StudentRun(0, student_settings(args)[0], args, a.num_classes, device, precision, 1000, out_dir / kd_loss)
+    cfg = configure(flags + (["--compile"] if a.compile else []))
+    st = StudentRun(0, cfg.students[0], cfg, StudentContext(device, precision, a.num_classes, 1000), out_dir / kd_loss)
     st.train()
     return st
 
 
-def bench_teacher(a: argparse.Namespace, device: torch.device):
+def bench_teacher(a: Any, device: torch.device):
     import timm
 
-    from .models import FrozenTeacher
+    from ..teachers.live import FrozenTeacher
     teacher = FrozenTeacher(timm.create_model(a.teacher, num_classes=a.num_classes)).to(device)
     if a.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -128,11 +108,11 @@ def bench_teacher(a: argparse.Namespace, device: torch.device):
     return teacher
 
 
-def step_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
+def step_bench(a: Any, tmp: Path, command: str, configure: Configure) -> dict:
     import timm
 
-    from .precision import Precision
-    device, precision = bench_device(a)
+    from ..precision import Precision
+    device, precision, a = bench_device(a)
     n, c = a.batch_size, a.num_classes
     # the seed's recipe: float16 autocast + GradScaler on CUDA; on the CPU the same precision as ours
     original_precision = Precision(device.type, torch.float16) if device.type == "cuda" else precision
@@ -151,17 +131,17 @@ def step_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
     if "teacher_forward" in only:
         fns["teacher_forward"] = teacher_fwd
     if "student_step" in only:
-        alone = bench_student(a, "none", device, precision, tmp / "alone")
+        alone = bench_student(a, "none", device, precision, tmp / "alone", configure)
         runs.append(alone)
         fns["student_step"] = lambda: alone.train_step(x_fast, y, None)
     if "kd_step" in only:
-        kd = bench_student(a, a.kd_loss, device, precision, tmp / "kd")
+        kd = bench_student(a, a.kd_loss, device, precision, tmp / "kd", configure)
         runs.append(kd)
         fns["kd_step"] = lambda: kd.train_step(x_fast, y, teacher_fwd())
     if "original_kd_step" in only:
         fns["original_kd_step"] = original_style_step(a, device, original_precision, x, y, teacher.model)
     if "cached_kd_step" in only:
-        cached = bench_student(a, a.kd_loss, device, precision, tmp / "cached")
+        cached = bench_student(a, a.kd_loss, device, precision, tmp / "cached", configure)
         runs.append(cached)
         cache = _synthetic_cache(tmp / "cache", teacher_fwd, x_fast, y, a.cache_topk, c, device)
         counter = iter(range(10 ** 9))
@@ -188,10 +168,10 @@ def step_bench(a: argparse.Namespace, tmp: Path, command: str = "") -> dict:
     return res
 
 
-def kd_step_fn(a: argparse.Namespace, device: torch.device, precision,
-               out_dir: Path) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def kd_step_fn(a: Any, device: torch.device, precision, out_dir: Path,
+               configure: Configure) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """Our KD step (teacher forward + student step) as ``step(x, target)``, for the data bench."""
-    st = bench_student(a, a.kd_loss, device, precision, out_dir)
+    st = bench_student(a, a.kd_loss, device, precision, out_dir, configure)
     teacher = bench_teacher(a, device)
 
     def step(x: torch.Tensor, target: torch.Tensor) -> None:
@@ -210,7 +190,7 @@ def original_style_step(a, device, precision, x, y, teacher_model) -> Callable[[
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
 
-    from .losses import create_kd_loss
+    from ..losses import create_kd_loss
     model = timm.create_model(a.student, num_classes=a.num_classes).to(device).train()
     teacher_model = teacher_model.eval()
     opt = create_optimizer_v2(model, opt=a.opt, lr=1e-3, weight_decay=0.01)
@@ -238,7 +218,7 @@ def original_style_step(a, device, precision, x, y, teacher_model) -> Callable[[
 
 def _synthetic_cache(root: Path, teacher_fwd, x, y, topk: int, num_classes: int, device):
     """A 4-step cache of the teacher's real outputs on the synthetic batch, read back through CachedTeacher."""
-    from .teacher_cache import CachedTeacher, EpochWriter, Storage, input_fingerprint
+    from ..teachers.cache import CachedTeacher, EpochWriter, Storage, input_fingerprint
     full = topk == 0 or topk >= num_classes
     storage = Storage(topk=0 if full else topk, dtype="float32" if full else "float16", num_classes=num_classes,
                       batch_size=x.shape[0], steps=4)
@@ -264,20 +244,3 @@ def print_step_table(res: dict) -> None:
             print(f"{text:<42}{res[key]:.3f}")
     print(f"[{res['device']}, {res['precision']}, batch {res['batch_size']}, {res['img_size']}px, "
           f"{res['student']} <- {res['teacher']}, channels_last {res['channels_last']}, compile {res['compile']}]")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser().parse_args(argv)
-    command = "vanillakd bench " + " ".join(argv)
-    if a.data:
-        from .data.bench_data import data_bench, print_data_table
-        res = in_temp_dir(data_bench, a, command)
-        print_data_table(res)
-    else:
-        res = in_temp_dir(step_bench, a, command)
-        print_step_table(res)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
-    return 0

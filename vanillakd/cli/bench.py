@@ -1,0 +1,75 @@
+"""bench: img/s of the KD training step and of its parts, or of the input pipeline (``--data``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..tools import bench
+from ..tools.bench import STEP_KEYS
+from ..tools.bench_data import A2_FLAGS
+from .train_args import _Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vanillakd bench", description=bench.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default="test_resnet")
+    p.add_argument("--teacher", default="resnet10t")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--kd-loss", default="kd")
+    p.add_argument("--opt", default="lamb")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round counts")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for conv nets on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher in (a), (b), (c), (e)")
+    p.add_argument("--cache-topk", type=int, default=10, help="(e): top-k of the cache (0 = full logits)")
+    p.add_argument("--only", nargs="+", choices=STEP_KEYS, default=None, help="measure only these")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--data", action="store_true",
+                   help="measure the input pipelines instead (flags under --data mode below)")
+    add_data_bench_args(p)
+    return p
+
+
+def add_data_bench_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``bench --data`` (``tools.bench_data``)."""
+    g = p.add_argument_group("--data mode")
+    g.add_argument("--data-dir", default=None, help="a folder of class folders of images (default: synthetic JPEGs)")
+    g.add_argument("--num-images", type=int, default=512, help="synthetic JPEGs to write / images to read")
+    g.add_argument("--data-img-size", type=int, default=224)
+    g.add_argument("--data-batch-size", type=int, default=64)
+    g.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
+    g.add_argument("--with-kd", action="store_true",
+                   help="also end to end through the KD step of --student <- --teacher (with --compile, --amp ...)")
+    g.add_argument("--pipelines", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
+    g.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=None,
+                   help="augmentation flags of the training scripts (default: the A2 recipe's: "
+                        + " ".join(A2_FLAGS) + ")")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    command = "vanillakd bench " + " ".join(argv)
+    from .run_config import parse_run_config
+    if a.data:
+        from ..tools.bench_data import data_bench, print_data_table
+        res = bench.in_temp_dir(data_bench, a, command, parse_run_config)
+        print_data_table(res)
+    else:
+        res = bench.in_temp_dir(bench.step_bench, a, command, parse_run_config)
+        bench.print_step_table(res)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0

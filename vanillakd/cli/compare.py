@@ -1,0 +1,60 @@
+"""compare: KD methods x training-set fractions x seeds under one recipe and one teacher (``tools.compare``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..tools import compare as tool
+from ..tools.compare import GRID_KEYS
+from .train_args import _Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vanillakd compare", description=tool.__doc__,
+                epilog="Any other flag (after --) is passed to every train-kd run: the shared recipe.")
+    p.add_argument("data_dir", nargs="?", default=None, metavar="DIR")
+    p.add_argument("-c", "--config", default="", help="YAML grid: any of " + ", ".join(sorted(GRID_KEYS)))
+    p.add_argument("--model", default=None, help="the student architecture (one for every cell)")
+    p.add_argument("--methods", nargs="+", default=None, help="kd losses; 'none' is the student without KD")
+    p.add_argument("--fractions", nargs="+", type=float, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--teacher-pretrained", default=None, help="teacher weights; or --train-teacher-epochs")
+    p.add_argument("--train-teacher-epochs", type=int, default=None,
+                   help="train the teacher here first (with the shared recipe; reused when present)")
+    p.add_argument("--train-teacher-fraction", type=float, default=None)
+    p.add_argument("--output", default=None, help="the comparison's folder")
+    g = p.add_argument_group("Dataset (train-kd's flags, for every run)")
+    g.add_argument("-d", "--dataset", default=None, help="folder (default), torch/NAME, hfds/NAME or wds/NAME")
+    g.add_argument("--train-split", default=None)
+    g.add_argument("--val-split", default=None)
+    g.add_argument("--class-map", default=None)
+    g.add_argument("--input-img-mode", default=None)
+    g.add_argument("--dataset-download", action="store_true", default=None)
+    return p
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """(compare's flags as a dict, the shared train-kd recipe: whatever follows ``--``)."""
+    argv = list(argv)
+    recipe: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, recipe = argv[:i], argv[i + 1:]
+    return vars(build_parser().parse_args(argv)), recipe
+
+
+def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """The grid from YAML (if any) overridden by flags; the rest of argv is the shared train-kd recipe."""
+    return tool.build_grid(*parse_argv(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..outputs import setup_console_logging
+    setup_console_logging()
+    from .run_config import run_train_argv
+    results, out = tool.compare(*load_grid(sys.argv[1:] if argv is None else argv), run_argv=run_train_argv)
+    print((out / "results.md").read_text(), end="")
+    print(f"{len(results)} runs; {out / 'results.csv'}, {out / 'results.md'}, plots in {out}")
+    return 0

@@ -1,0 +1,102 @@
+"""Parsed training flags -> the typed ``RunConfig`` the core takes (the one boundary between argparse and it)."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import fields
+from types import MappingProxyType
+from typing import Any
+
+from ..config import (
+    NO_KD,
+    AugConfig,
+    CacheConfig,
+    CheckpointConfig,
+    DataConfig,
+    DistConfig,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    SpeedConfig,
+    StudentSetting,
+    TeacherConfig,
+)
+from ..data.sources import dataset_kind
+from ..errors import UserError
+from ..losses import get_kd_loss_entry
+from ..models import check_model_name
+from ..teachers.live import check_teacher_name
+from .method_flags import method_args_from
+from .train_args import build_train_parser, check_list_lengths, parse_train_args, setting
+
+
+def _frozen(value: Any) -> Any:
+    """Lists from argparse become tuples, so a config can be neither changed nor aliased."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _section(cls, args: argparse.Namespace, **names: str):
+    """``cls`` filled from the flags of the same names (``names`` maps a field to a differently named flag)."""
+    return cls(**{f.name: _frozen(getattr(args, names.get(f.name, f.name))) for f in fields(cls)})
+
+
+def student_settings(args: argparse.Namespace) -> tuple[StudentSetting, ...]:
+    """One setting per position of the list-valued flags; settings that differ only in
+    ``--model-ema-decay`` become one student with several EMA copies."""
+    groups: dict[tuple, list[float]] = {}
+    for i in range(check_list_lengths(args)):
+        values = setting(args, i)
+        decay = values.pop("model_ema_decay")
+        groups.setdefault(tuple(values.items()), []).append(decay)
+    return tuple(StudentSetting(**dict(key), ema_decays=tuple(dict.fromkeys(decays)) if args.model_ema else ())
+                 for key, decays in groups.items())
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The typed configuration of a parsed training (or cache-teacher) command line."""
+    cache = _section(CacheConfig, args) if hasattr(args, "cache_dir") else None
+    return RunConfig(
+        data=_section(DataConfig, args), aug=_section(AugConfig, args), model=_section(ModelConfig, args),
+        teacher=_section(TeacherConfig, args, name="teacher", weights="teacher_pretrained", resize="teacher_resize",
+                         norm="teacher_norm", cache="teacher_cache"),
+        optim=_section(OptimConfig, args), schedule=_section(ScheduleConfig, args),
+        speed=_section(SpeedConfig, args), checkpoint=_section(CheckpointConfig, args),
+        loop=_section(LoopConfig, args), dist=_section(DistConfig, args), students=student_settings(args),
+        method_args=MappingProxyType(method_args_from(args)), flags=MappingProxyType(dict(vars(args))), cache=cache)
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """What argparse cannot check alone: names that must exist, and flags that must agree with each other."""
+    dataset_kind(cfg.data.dataset)
+    if cfg.data.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {cfg.data.workers}")
+    for s in cfg.students:
+        check_model_name(s.model, "model")
+        if s.kd_loss != NO_KD:
+            get_kd_loss_entry(s.kd_loss)
+    if cfg.uses_teacher:
+        check_teacher_name(cfg.teacher.name)
+    if cfg.method_args.get("review_preact") and all(s.kd_loss != "review" for s in cfg.students):
+        raise UserError("--review-preact applies to --kd-loss review only")
+    total = cfg.schedule.epochs + cfg.schedule.cooldown_epochs
+    start = cfg.schedule.start_epoch
+    if not cfg.checkpoint.resume and start and start >= total:
+        raise UserError(f"--start-epoch {start} leaves nothing to train: the run has {total} epochs")
+
+
+def parse_run_config(argv: Sequence[str] | None, prog: str = "train-kd.py", default_loss: str = "kd",
+                     description: str = "") -> RunConfig:
+    """A training command line (``--config`` YAML included) parsed, checked and typed."""
+    args = parse_train_args(build_train_parser(prog, description, default_loss), argv)
+    cfg = run_config(args)
+    check_run_config(cfg)
+    return cfg
+
+
+def run_train_argv(argv: Sequence[str], loss_kind: str = "logits") -> list[dict]:
+    """``train.run`` from a train-kd command line (the demo, the comparison harness and benchmarks drive
+    training runs this way)."""
+    from ..train import run
+    return run(parse_run_config(list(argv)), loss_kind)
