@@ -24,31 +24,116 @@ def assert_png(path):
         assert im.format == "PNG"
 
 
-def test_tiny_grid_end_to_end_and_restart(tiny_data, teacher_ckpt, tmp_path, capsys):
+def counting_runner(monkeypatch) -> list[list[str]]:
+    """Every training run compare starts (the injected runner, counted)."""
+    from vanillakd.cli import run_config
+    calls, real = [], run_config.run_train_argv
+
+    def counted(argv, *args, **kwargs):
+        calls.append(list(argv))
+        return real(argv, *args, **kwargs)
+    monkeypatch.setattr(run_config, "run_train_argv", counted)
+    return calls
+
+
+def results(out):
+    return list(csv.DictReader(open(out / "results.csv")))
+
+
+def test_tiny_grid_end_to_end(tiny_data, teacher_ckpt, tmp_path, capsys):
     argv = [tiny_data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", teacher_ckpt,
             "--methods", "none", "kd", "dkd", "--fractions", "0.5", "1.0", "--seeds", "0", "--output",
             tmp_path / "cmp"] + RECIPE
     assert run_cli(lambda a: wrap(compare_main, a), argv) == 0
     out = tmp_path / "cmp"
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = results(out)
     assert sorted((r["method"], float(r["fraction"])) for r in rows) == sorted(
         (m, f) for m in ("none", "kd", "dkd") for f in (0.5, 1.0))
     for r in rows:
         assert 0 <= float(r["top1"]) <= 100 and r["seed"] == "0" and r["epochs"] == "2"
-        assert float(r["wall_time_s"]) > 0 and r["agreement"] != ""
+        assert float(r["wall_time_s"]) > 0 and r["agreement"] != "" and r["teacher_top1"] != ""
         assert int(r["train_images"]) == (12 if float(r["fraction"]) == 0.5 else 24)
+        assert r["model"] == "test_resnet" and r["teacher"] == "test_resnet" and len(r["cell_id"]) == 12
+        assert r["recipe"].startswith("--epochs 2 -b 4") and r["teacher_sha256"] and r["data_digest"]
+    assert len({r["recipe_id"] for r in rows}) == 1 and len({r["cell_id"] for r in rows}) == 2
     md = (out / "results.md").read_text()
-    assert "| none |" in md and "| kd |" in md and "| dkd |" in md and "0.5 of train" in md and "± " in md
-    assert "agreement" in md
-    for png in ["top1_vs_fraction.png", "curves-frac0.5-seed0.png", "curves-frac1-seed0.png"]:
+    assert "| model | teacher | data | recipe | method | 50% of train | 100% of train |" in md
+    assert "| none |" in md and "| kd |" in md and "| dkd |" in md and "(n=1)" in md
+    assert not [line for line in md.splitlines() if line.startswith("| test_resnet") and "±" in line]
+    assert "agreement" in md and "Teacher top-1 on the same val set: test_resnet " in md
+    for png in ["top1_vs_fraction.png", "kd_gap_vs_fraction.png", "curves-frac0.5-seed0.png",
+                "curves-frac1-seed0.png"]:
         assert_png(out / png)
-    cell = out / "cells" / "frac0.5-seed0" / "cell.json"
-    before = cell.stat().st_mtime_ns
-    capsys.readouterr()
+
+
+def test_changed_grid_runs_exactly_the_new_or_changed_cells(tiny_data, teacher_ckpt, tmp_path, capsys,
+                                                             monkeypatch):
+    calls = counting_runner(monkeypatch)
+    out = tmp_path / "cmp"
+    base = [tiny_data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", teacher_ckpt,
+            "--seeds", "0", "--output", out]
+    recipe = ["--", "-b", "4", "--img-size", "32", "--workers", "0", "--no-progress", "--warmup-epochs", "0"]
+
+    def grid(methods, fractions, epochs, runs, reused):
+        calls.clear()
+        capsys.readouterr()
+        argv = base + ["--methods", *methods, "--fractions", *fractions] + recipe + ["--epochs", epochs]
+        assert run_cli(lambda a: wrap(compare_main, a), argv) == 0
+        assert len(calls) == runs and capsys.readouterr().err.count("with the same identity, reused") == reused
+        rows = results(out)
+        assert sorted((r["method"], float(r["fraction"])) for r in rows) == sorted(
+            (m, float(f)) for m in methods for f in fractions)
+        assert {r["epochs"] for r in rows} == {epochs} and {r["recipe"].split()[-1] for r in rows} == {epochs}
+        md = (out / "results.md").read_text()
+        assert all(f"| {m} |" in md for m in methods) and md.count(" of train") == 2 * len(fractions)
+        return rows
+
+    first = grid(["none", "kd"], ["0.5"], "1", runs=1, reused=0)
+    assert not (out / "kd_gap_vs_fraction.png").exists()
+    # an added fraction: only its cell trains
+    grid(["none", "kd"], ["0.5", "1.0"], "1", runs=1, reused=1)
+    assert [r for r in results(out) if r["fraction"] == "0.5"] == first
+    # a changed recipe: every cell trains again, into new folders
+    grid(["none", "kd"], ["0.5", "1.0"], "2", runs=2, reused=0)
+    # an added method: the methods share one run per cell, so every cell trains again
+    rows = grid(["none", "kd", "dkd"], ["0.5", "1.0"], "2", runs=2, reused=0)
+    assert_png(out / "kd_gap_vs_fraction.png")
+    # nothing changed: nothing trains, nothing is rewritten
+    done = sorted((out / "cells").glob("*/cell.json"))
+    stamps = [p.stat().st_mtime_ns for p in done]
+    assert grid(["none", "kd", "dkd"], ["0.5", "1.0"], "2", runs=0, reused=2) == rows
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+    # every earlier cell is still on disk (6 trainings, 6 folders), each with its identity
+    cells = sorted(d for d in (out / "cells").iterdir() if d.is_dir())
+    assert len(cells) == 6 and all((d / "identity.json").is_file() for d in cells)
+    assert {r["cell_id"] for r in rows} <= {d.name.rsplit("-", 1)[1] for d in cells}
+    assert sorted(p.name for p in out.glob("curves-*.png")) == ["curves-frac0.5-seed0.png", "curves-frac1-seed0.png"]
+
+
+def test_compare_without_matplotlib(tiny_data, teacher_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # a plain install without the plotting extra
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "cmp"
+    argv = [tiny_data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", teacher_ckpt,
+            "--methods", "none", "kd", "--fractions", "0.5", "1.0", "--output", out] + RECIPE[:2] + ["1"] + RECIPE[3:]
     assert run_cli(lambda a: wrap(compare_main, a), argv) == 0
-    assert cell.stat().st_mtime_ns == before
-    assert capsys.readouterr().err.count("finished earlier, skipped") == 2
-    assert len(list(csv.DictReader(open(out / "results.csv")))) == 6
+    err = capsys.readouterr().err
+    assert len(results(out)) == 4 and "| kd |" in (out / "results.md").read_text()
+    assert err.count("pip install matplotlib") == 1 and "Traceback" not in err
+    assert not list(out.glob("*.png"))
+
+
+def test_compare_flags(capsys):
+    from vanillakd.cli.compare import build_parser, load_grid
+    with pytest.raises(SystemExit):
+        load_grid(["/data", "--model", "test_resnet", "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epochs 3" in err and "go after --" in err
+    with pytest.raises(SystemExit):
+        load_grid(["/data", "--methods", "kd", "rkd"])
+    assert "invalid choice: 'rkd'" in capsys.readouterr().err
+    text = build_parser().format_help()
+    assert "none, bkd, dist, dkd, kd (" in " ".join(text.split()) and "review" not in text
 
 
 def test_report_command(tiny_data, teacher_ckpt, tmp_path):
@@ -89,6 +174,9 @@ def test_grid_yaml_and_flag_override(tmp_path):
     assert grid["seeds"] == [5] and grid["methods"] == ["none", "kd"] and recipe == ["--epochs", "3", "-b", "8"]
     cfg.write_text("modle: x\n")
     with pytest.raises(UserError, match="unknown keys"):
+        load_grid(["-c", str(cfg)])
+    cfg.write_text("data_dir: /data\nmodel: m\nteacher: t\nteacher_pretrained: t.pth\nmethods: [kd, crd]\n")
+    with pytest.raises(UserError, match=r"cannot run the methods \['crd'\].*train-fd / train-crd"):
         load_grid(["-c", str(cfg)])
 
 

@@ -224,7 +224,7 @@ def test_bench_data_smoke(tmp_path, monkeypatch, capsys):
     assert bench.main(argv) == 0
     res = json.loads(out.read_text())
     rows = {(r["pipeline"], r["stage"], r["workers"]): r["img_s"] for r in res["rows"]}
-    assert set(rows) == {(p, s, w) for p in ("cpu", "gpu") for s, w in (("per worker", 1), ("end to end", 0),
+    assert set(rows) == {(p, s, w) for p in ("cpu", "gpu") for s, w in (("per worker", 1), ("loader", 0),
                                                                        ("with KD step", 0))}
     assert all(v > 0 for v in rows.values())
     assert res["images"] == 16 and "rand-m7-mstd0.5-inc1" in res["recipe"]

@@ -23,11 +23,28 @@ COMMANDS = {
 }
 
 
+def version_line() -> str:
+    """``vanillakd X (torch Y, timm Z, python W)``: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # a checkout on the path, not installed: its own version
+            return __import__(name).__version__ if name == "vanillakd" else "not installed"
+    return (f"vanillakd {of('vanillakd')} (torch {of('torch')}, timm {of('timm')}, "
+            f"python {platform.python_version()})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
-        print(f"usage: vanillakd <command> [args]\n\ncommands:\n{lines}")
+        print(f"usage: vanillakd <command> [args] | --version\n\ncommands:\n{lines}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"vanillakd: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

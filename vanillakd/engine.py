@@ -40,9 +40,23 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
+    def show(self, **values: Any) -> None:
+        """Values beside the bar (the loss, img/s), refreshed at log points only: reading them syncs."""
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def tag(student, students: Sequence) -> str:
+    """`` [model-method]`` at the end of a student's lines when several students train together (with its
+    index when two students share model and method, e.g. differing in --lr only)."""
+    if len(students) <= 1:
+        return ""
+    shared = sum(s.setting.tag == student.setting.tag for s in students) > 1
+    return f" [{student.setting.tag}" + (f" #{student.index}]" if shared else "]")
 
 
 def _eta(seconds: float) -> str:
@@ -55,10 +69,11 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, stude
                     precision: Precision, channels_last: bool = False, log_interval: int = 50,
                     max_steps: int | None = None, progress: bool | None = None, start_step: int = 0,
                     after_step: Callable[[int, int], None] | None = None,
-                    accum_steps: int = 1) -> list[dict[str, float]]:
+                    accum_steps: int = 1, epochs_after: int = 0) -> list[dict[str, float]]:
     """One pass over ``loader`` (which yields the epoch's batches from ``start_step`` on, for a resumed
     epoch); ``after_step(done, total)`` runs after each step. With ``accum_steps`` N, each N batches (one
-    teacher pass each) make one optimizer update. Returns each student's mean losses."""
+    teacher pass each) make one optimizer update. ``epochs_after``: epochs the run has after this one, for
+    the run's ETA. Returns each student's mean losses."""
     for s in students:
         s.train(keep_sums=start_step > 0)
     total = start_step + len(loader)
@@ -88,14 +103,17 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, stude
         if done % log_interval == 0 or done == total:
             elapsed = time.perf_counter() - start
             rate = (done - start_step) * batch_size / max(elapsed, 1e-9)
-            eta = _eta(elapsed / (done - start_step) * (total - done))
+            per_step = elapsed / (done - start_step)
+            eta = f"ETA {_eta(per_step * (total - done))}" + (
+                f", run {_eta(per_step * (total - done + epochs_after * total))} (training only)" if epochs_after
+                else "")
             if teacher is not None:
                 teacher.check()  # a teacher cache verifies here that it served this stream's batches
             for s in students:
                 m = s.train_metrics()
                 s.log.info(f"Train {epoch} [{done:>4d}/{total}] loss {m['loss']:.4f} (base {m['base_loss']:.4f} "
-                           f"kd {m['kd_loss']:.4f}) lr {s.lr():.3e} {rate:.1f} img/s ETA {eta}"
-                           + (f" [{s.setting.tag}]" if len(students) > 1 else ""))
+                           f"kd {m['kd_loss']:.4f}) lr {s.lr():.3e} {rate:.1f} img/s {eta}" + tag(s, students))
+            bar.show(loss=f"{m['loss']:.4f}", img_s=f"{rate:.1f}")
         if after_step is not None:
             after_step(done, total)
     bar.close()
@@ -192,7 +210,8 @@ def fit(plan: FitPlan) -> None:
         train_metrics = train_one_epoch(
             epoch, plan.train_loader, plan.teacher, students, plan.precision, bool(cfg.speed.channels_last),
             cfg.loop.log_interval, cfg.loop.max_train_steps, cfg.loop.progress if info.primary else False,
-            start_step=first, after_step=_recovery_saver(plan, epoch), accum_steps=cfg.optim.grad_accum_steps)
+            start_step=first, after_step=_recovery_saver(plan, epoch), accum_steps=cfg.optim.grad_accum_steps,
+            epochs_after=num_epochs - epoch - 1)
         train_time = time.perf_counter() - t0
         if info.distributed and cfg.dist.dist_bn:
             for st in students:  # ranks saw different batches: make their BN statistics agree
@@ -233,20 +252,21 @@ def _evaluate_and_save(st, epoch: int, cfg: RunConfig, row: dict, plan: FitPlan,
         if "agreement" in em:
             row["eval_agreement"] = em["agreement"]
         metric = em[key]
-        st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}")
+        st.log.info(f"Eval {epoch}: top1 {em['top1']:.2f} top5 {em['top5']:.2f} loss {em['loss']:.4f}"
+                    + tag(st, plan.students))
         for i, ema in enumerate(st.emas):
             if not evaluated_with(ema.module, st.model):
                 continue  # --model-ema-force-cpu on an accelerator: said once when the run starts
             name = st.ema_name(i)
             emm = evaluate(ema.module, plan.eval_loader, plan.precision, channels_last)
             row.update({f"{name}_top1": emm["top1"], f"{name}_top5": emm["top5"], f"{name}_loss": emm["loss"]})
-            st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}")
+            st.log.info(f"Eval {epoch} {name}: top1 {emm['top1']:.2f} top5 {emm['top5']:.2f}" + tag(st, plan.students))
             # the EMA's best file holds its weights as the plain student 'state_dict'
             st.ema_savers[i].save_best(
                 lambda emm=emm, ema=ema: st.checkpoint(epoch, cfg.flags, emm[key], weights=ema.module.state_dict()),
                 epoch, emm[key], f"model_best_{name}")
-    state = st.checkpoint(epoch, cfg.flags, metric)
-    st.saver.save_last(state, epoch, cfg.checkpoint.checkpoint_hist)
-    st.saver.save_best(lambda: state, epoch, metric, "model_best")
+    # the best first, so that every checkpoint of this epoch records the best including this epoch
+    st.saver.save_best(lambda: st.checkpoint(epoch, cfg.flags, metric), epoch, metric, "model_best")
+    st.saver.save_last(st.checkpoint(epoch, cfg.flags, metric), epoch, cfg.checkpoint.checkpoint_hist)
     st.summary.add(row)
     st.end_epoch(epoch, metric)

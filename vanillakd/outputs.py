@@ -40,6 +40,12 @@ def unique_dir(root: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def writes_to(logger: logging.Logger, path: Path) -> bool:
+    """Whether ``logger`` already has a file handler on ``path`` (one handler per destination)."""
+    target = os.path.abspath(path)
+    return any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers)
+
+
 def add_log_file(logger: logging.Logger, path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -48,7 +54,8 @@ def add_log_file(logger: logging.Logger, path: Path) -> logging.Handler:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by a notebook or pytest)."""
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by a notebook or pytest),
+    through tqdm while a progress bar is on screen, so a log line never lands inside the bar."""
 
     @property
     def stream(self):
@@ -57,6 +64,15 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bars = sys.modules.get("tqdm")
+        if bars is None or not getattr(bars.tqdm, "_instances", None):
+            return super().emit(record)
+        try:
+            bars.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging does: a failed write never stops the run
+            self.handleError(record)
 
 
 def setup_console_logging(level: int = logging.INFO) -> logging.Logger:
@@ -100,8 +116,14 @@ class Summary:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows({k: readable(v) for k, v in r.items()} for r in self.rows)
         atomic_write_text(buf.getvalue(), self.path)
+
+
+def readable(value: Any) -> Any:
+    """A float as a person reads it: 6 significant digits (0.00039999999999999996 -> 0.0004); full precision
+    stays in the checkpoints."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def read_summary(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -152,7 +174,8 @@ class CheckpointWriter:
         """Write ``name.pth.tar`` when ``metric`` improves on the best so far; return whether it did."""
         if not self.is_better(metric):
             return False
+        # the best is this epoch's before the state is made: the file records itself as the best
+        self.best, self.best_epoch = metric, epoch
         if self.write:
             atomic_save(make_state(), self.out_dir / f"{name}.pth.tar")
-        self.best, self.best_epoch = metric, epoch
         return True

@@ -9,11 +9,13 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from .checkpoint import load_file
 from .config import RunConfig
 from .data.folder import SplitDataset, drop_bad_images, take_fraction
 from .data.sources import build_train_val_any, image_mode
 from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed
+from .errors import UserError
 from .features import FeatureModel, FeatureShapes, probe_shapes, resized
 from .losses import get_kd_loss_entry
 from .outputs import setup_console_logging
@@ -84,6 +86,26 @@ def val_identity(val_split: SplitDataset, workers: int) -> str:
     return val_split.identity() + (f":workers={workers}" if val_split.streaming else "")
 
 
+def _saved_arch(path: str | None, trust: bool) -> str | None:
+    """The architecture a training checkpoint names (ours: 'arch'; timm's and the seed's: args.model)."""
+    if not path:
+        return None
+    try:
+        ckpt = load_file(path, trust=trust)
+    except UserError:
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    import timm
+    args = ckpt.get("args")
+    model = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    # ours record the timm name as 'arch'; timm's and the seed's record the class name there, the name in args
+    for name in (ckpt.get("arch"), model[0] if isinstance(model, list) and model else model):
+        if isinstance(name, str) and timm.is_model(name):
+            return name
+    return None
+
+
 def build_teacher(cfg: RunConfig, kd_losses: list[str], num_classes: int, device: torch.device,
                   data_cfg: dict) -> tuple[FrozenTeacher | None, FeatureShapes | None]:
     """The frozen teacher for the students distilling with ``kd_losses`` (None when there are none), with
@@ -92,9 +114,20 @@ def build_teacher(cfg: RunConfig, kd_losses: list[str], num_classes: int, device
         return None, None
     entries = [get_kd_loss_entry(name) for name in kd_losses]
     t = cfg.teacher
-    teacher = create_teacher(t.name, num_classes, t.weights, t.resize, trust=cfg.checkpoint.trust_checkpoint,
-                             log=log.info, in_chans=int(data_cfg["input_size"][0]),
-                             student_config=data_cfg if t.norm == "auto" else None)
+    try:
+        teacher = create_teacher(t.name, num_classes, t.weights, t.resize, trust=cfg.checkpoint.trust_checkpoint,
+                                 log=log.info, in_chans=int(data_cfg["input_size"][0]),
+                                 student_config=data_cfg if t.norm == "auto" else None)
+    except UserError as e:
+        if not (t.weights and "does not fit" in str(e)):
+            raise
+        saved = _saved_arch(t.weights, cfg.checkpoint.trust_checkpoint)
+        if saved and saved.split(".")[0] != t.name.split(".")[0]:  # most often: --teacher left at its default
+            raise UserError(f"{e}; the file is a checkpoint of {saved}: pass --teacher {saved}") from None
+        if t.weights:
+            raise UserError(f"{e}; --teacher is {t.name}: if the file holds another architecture, pass "
+                            "--teacher ARCH") from None
+        raise
     shapes = None
     if any(e.uses_features for e in entries):
         preact = any(e.wants_preact(cfg.method_args) for e in entries)

@@ -24,7 +24,7 @@ from .features import FeatureModel, Features, FeatureShapes, probe_shapes, resiz
 from .losses import create_kd_loss_for, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
-from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir
+from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir, writes_to
 from .precision import Precision
 from .speed import maybe_compile, optimizer_speed_kwargs
 
@@ -207,7 +207,9 @@ class StudentRun:
         self.saver = CheckpointWriter(self.out_dir, higher, write=info.primary)
         self.ema_savers = [CheckpointWriter(self.out_dir, higher, write=info.primary) for _ in self.emas]
         self.log = logging.getLogger(f"vanillakd.student{self.index}")
-        self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if info.primary else None
+        # the run's own log.txt already receives these lines when the student's folder is the run's folder
+        own_file = info.primary and not writes_to(logging.getLogger("vanillakd"), self.out_dir / "log.txt")
+        self._log_file = add_log_file(self.log, self.out_dir / "log.txt") if own_file else None
 
     def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> tuple[int, int]:
         """Restore everything that decides this student's future from ``ckpt``; return the (epoch, step)

@@ -6,6 +6,9 @@ here knows which KD method runs.
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .banner import log_recipe
 from .checkpoint import load_file, plain, set_rng_state
-from .config import RunConfig
+from .config import RunConfig, StudentSetting
 from .data.folder import SplitDataset
 from .data.loader import build_eval_loader, build_train_loader, start_workers
 from .distributed import DistInfo, replicas_in_sync, teardown
@@ -39,19 +43,23 @@ def run(cfg: RunConfig, loss_kind: str = "logits") -> list[dict]:
     if cfg.teacher.cache and loss_kind != "logits" and cfg.uses_teacher:
         raise UserError("--teacher-cache holds the teacher's logits; feature methods (train-fd.py, train-crd.py) "
                         "need its features at every step, so they run the teacher live")
+    started = time.perf_counter()
     cfg, env = start_run(cfg)
     logger = logging.getLogger("vanillakd")
     train_split, val_split, num_classes = load_training_data(cfg)
-    run_dir = _shared_run_dir(cfg, env.info)
+    run_dir, new_folder = _shared_run_dir(cfg, env.info)
     root_log = add_log_file(logger, run_dir / "log.txt") if env.info.primary else None
     students: list[StudentRun] = []
+    finished = trained = False
     try:
         plan = _prepare(cfg, env, train_split, val_split, num_classes, run_dir, loss_kind, students)
+        trained = True  # from here on the log holds training: it is kept whatever happens
         fit(plan)
         if plan.external is not None:
             plan.external.close()
-        results = [_finish(st, cfg, env.info) for st in students]
+        results = [_finish(st, cfg, env.info, time.perf_counter() - started) for st in students]
         teardown(env.info)
+        finished = True
         return results
     finally:
         for st in students:
@@ -60,6 +68,16 @@ def run(cfg: RunConfig, loss_kind: str = "logits") -> list[dict]:
             logger.removeHandler(root_log)
             root_log.close()
         logger.setLevel(logging.INFO)
+        if not finished and not trained and new_folder:
+            _remove_if_nothing_saved(run_dir)
+
+
+def _remove_if_nothing_saved(run_dir: Path) -> None:
+    """A run that failed while setting up (before its first step) leaves no folder holding only its log and
+    args files; only a folder this run created, and anything else in it keeps it."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    if all(p.name in ("log.txt", "args.yaml") for p in files):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run_dir(cfg: RunConfig) -> Path:
@@ -76,16 +94,24 @@ def _run_dir(cfg: RunConfig) -> Path:
         return path if path.is_dir() else path.parent
     if experiment:
         return root / experiment
-    name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), cfg.students[0].model, "kd"])
+    methods = "+".join(dict.fromkeys(s.kd_loss for s in cfg.students))
+    name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), cfg.students[0].model, methods])
     return unique_dir(root, name)
 
 
-def _shared_run_dir(cfg: RunConfig, info: DistInfo) -> Path:
-    """The run folder, chosen by rank 0 (its name may hold a timestamp) and made by rank 0 alone."""
-    run_dir = [str(make_output_dir(_run_dir(cfg)))] if info.primary else [None]
+def _shared_run_dir(cfg: RunConfig, info: DistInfo) -> tuple[Path, bool]:
+    """The run folder, chosen by rank 0 (its name may hold a timestamp) and made by rank 0 alone; and whether
+    this run created it (rank 0 only)."""
+    created = False
+    if info.primary:
+        path = _run_dir(cfg)
+        created = not path.exists()
+        run_dir = [str(make_output_dir(path))]
+    else:
+        run_dir = [None]
     if info.distributed:
         dist.broadcast_object_list(run_dir, src=0)
-    return Path(run_dir[0])
+    return Path(run_dir[0]), created
 
 
 def _contrast_k(cfg: RunConfig) -> int | None:
@@ -123,6 +149,8 @@ def _prepare(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
              f"{cfg.data.batch_size}" + (f" x {info.world_size} processes" if info.distributed else "") +
              f", input {tuple(data_cfg['input_size'])}; teacher {cfg.teacher.name if teacher is not None else 'none'}"
              f"; outputs in {run_dir}")
+    if info.primary:
+        log_recipe(cfg, students, info.world_size, str(env.precision), cfg.teacher.name)
     return FitPlan(cfg, info, env.precision, students, teacher, train_loader, eval_loader, start_epoch, start_step,
                    teacher_val=_teacher_val(cfg, env, teacher, eval_loader, val_split, cached),
                    external=ExternalLoggers(cfg, run_dir, enabled=info.primary))
@@ -192,9 +220,18 @@ def _write_args_files(cfg: RunConfig, students: list[StudentRun], run_dir: Path,
     if not info.primary:
         return
     for st in students:
-        write_args(st.out_dir, {**cfg.flags, "train_images": train_images})
+        write_args(st.out_dir, {**student_flags(cfg, st.setting), "train_images": train_images})
     if len(students) > 1:
-        write_args(run_dir, dict(cfg.flags))
+        write_args(run_dir, dict(cfg.flags))  # the run's folder keeps the whole command line
+
+
+def student_flags(cfg: RunConfig, s: StudentSetting) -> dict[str, Any]:
+    """The run's flags with the list-valued ones holding this student's values alone (one-item lists, as
+    argparse gives them), so each student's args.yaml describes that student."""
+    own = {f.name: [getattr(s, f.name)] for f in fields(s) if f.name != "ema_decays" and f.name in cfg.flags}
+    if s.ema_decays:
+        own["model_ema_decay"] = list(s.ema_decays)
+    return {**cfg.flags, **own}
 
 
 def _start_point(cfg: RunConfig, students: list[StudentRun], streaming: bool) -> tuple[int, int]:
@@ -208,7 +245,7 @@ def _start_point(cfg: RunConfig, students: list[StudentRun], streaming: bool) ->
     return start_epoch, 0
 
 
-def _finish(st: StudentRun, cfg: RunConfig, info: DistInfo) -> dict:
+def _finish(st: StudentRun, cfg: RunConfig, info: DistInfo, seconds: float) -> dict:
     """The replicas' agreement, the optional export, the student's result line and record."""
     if info.distributed:
         synced = replicas_in_sync(st.model)
@@ -219,10 +256,18 @@ def _finish(st: StudentRun, cfg: RunConfig, info: DistInfo) -> dict:
         best_file = st.out_dir / "model_best.pth.tar"
         source = best_file if best_file.is_file() else st.out_dir / "last.pth.tar"
         st.log.info(f"exported {source.name} to {export_checkpoint(source, st.out_dir / 'export')}")
-    st.log.info(f"done: best {cfg.loop.eval_metric} {best if best is None else round(best, 3)} "
-                f"(epoch {st.saver.best_epoch}); outputs in {st.out_dir}")
+    best_file = st.out_dir / "model_best.pth.tar"
+    st.log.info(f"done in {_duration(seconds)}: best {cfg.loop.eval_metric} "
+                f"{best if best is None else round(best, 3)} at epoch {st.saver.best_epoch}"
+                + (f", {best_file}" if best is not None else "") + f"; outputs in {st.out_dir}")
     return {"tag": st.setting.tag, "out_dir": str(st.out_dir), "best_metric": best,
             "best_epoch": st.saver.best_epoch, "last": st.summary.rows[-1] if st.summary.rows else {}}
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"
 
 
 def _checkpoint_candidates(folder: Path) -> list[Path]:

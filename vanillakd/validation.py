@@ -8,10 +8,14 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import UserError
+
+log = logging.getLogger("vanillakd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +29,7 @@ class ValidateConfig:
     dataset_download: bool = False
     input_img_mode: str | None = None
     # the model and its weights
-    model: str = "resnet50"
+    model: str | None = None  # None: the checkpoint's 'arch' (a file that names none needs it)
     checkpoint: str = ""
     zoo: str | None = None  # a published student: sets model and checkpoint (fetched if missing)
     zoo_dir: str | None = None
@@ -57,10 +61,14 @@ class ValidateConfig:
 
 
 def validate(config: ValidateConfig) -> dict:
-    """The metrics of ``config``'s model on its split, as one flat dict (``write_results`` stores it)."""
-    import torch
-    from timm.data import resolve_data_config
+    """The metrics of ``config``'s model on its split, as one flat dict (``write_results`` stores it).
 
+    What a flag leaves unset comes from the checkpoint when it records it (our training checkpoints: ``arch``,
+    the ``data_config`` the run trained and evaluated with, ``--in-chans`` / ``--gp``); a file that does not
+    (a plain state_dict, a zoo file) evaluates with timm's pretrained config of ``--model``."""
+    import torch
+
+    from .checkpoint import load_file
     from .data.loader import build_eval_loader
     from .data.sources import build_eval_split_any, image_mode
     from .engine import evaluate
@@ -76,9 +84,20 @@ def validate(config: ValidateConfig) -> dict:
         c = dataclasses.replace(c, model=m.arch, checkpoint=str(zoo.fetch(c.zoo, c.zoo_dir)))
     if not c.checkpoint and not c.pretrained:
         raise UserError("give --checkpoint PATH (or --pretrained for timm's own weights)")
-    split = build_eval_split_any(c.data_dir, c.dataset, c.split, c.class_map, c.dataset_download,
-                                 image_mode(c.input_img_mode, c.in_chans, c.input_size), c.num_classes)
-    state = _checkpoint_state(c) if c.checkpoint else None
+
+    def split_for(cfg: ValidateConfig):
+        return build_eval_split_any(cfg.data_dir, cfg.dataset, cfg.split, cfg.class_map, cfg.dataset_download,
+                                    image_mode(cfg.input_img_mode, cfg.in_chans, cfg.input_size), cfg.num_classes)
+
+    split = split_for(c)  # before reading the checkpoint: a wrong data dir is reported first
+    ckpt = load_file(c.checkpoint, trust=c.trust_checkpoint) if c.checkpoint else None
+    filled, file_data = from_checkpoint(c, ckpt)
+    if image_mode(filled.input_img_mode, filled.in_chans, filled.input_size) != \
+            image_mode(c.input_img_mode, c.in_chans, c.input_size):
+        split = split_for(filled)  # the checkpoint's --in-chans changes how images are read
+    c = filled
+    _check_classes(c, ckpt, split.classes)
+    state = _checkpoint_state(c, ckpt) if ckpt is not None else None
     num_classes = _num_classes(c, state, len(split.classes))
     device = resolve_device(c.device)
     precision = Precision.create(device, c.amp, c.amp_dtype)
@@ -94,12 +113,14 @@ def validate(config: ValidateConfig) -> dict:
         teacher = create_teacher(c.teacher, num_classes, c.teacher_pretrained, trust=c.trust_checkpoint,
                                  in_chans=c.in_chans or 3)
         teacher.to(device)
-    flags = {k: getattr(c, k) for k in ("input_size", "img_size", "crop_pct", "crop_mode", "mean", "std",
-                                        "interpolation", "in_chans")}
-    data_config = resolve_data_config(flags, model=model)
+    data_config = eval_data_config(c, file_data, model)
     loader = build_eval_loader(split.dataset, data_config, c.batch_size, c.workers, device,
                                pin_memory=c.pin_mem)
     metrics = evaluate(model, loader, precision, c.channels_last, teacher=teacher, progress=c.progress)
+    return _result(c, split, num_classes, data_config, metrics)
+
+
+def _result(c: ValidateConfig, split, num_classes: int, data_config: dict, metrics: dict) -> dict:
     result = {"model": c.model, "checkpoint": c.checkpoint, "split": str(split.root),
               "images": len(split.dataset), "num_classes": num_classes,
               "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
@@ -112,12 +133,121 @@ def validate(config: ValidateConfig) -> dict:
     return result
 
 
-def _checkpoint_state(config: ValidateConfig) -> dict:
-    from .checkpoint import load_file
+# the eval transform's keys a training checkpoint records under 'data_config' (timm's resolve_data_config's)
+_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_FLAGS = {"model": "--model", "in_chans": "--in-chans", "gp": "--gp", "input_size": "--input-size",
+          "img_size": "--img-size", "interpolation": "--interpolation", "mean": "--mean", "std": "--std",
+          "crop_pct": "--crop-pct", "crop_mode": "--crop-mode"}
+
+
+def from_checkpoint(config: ValidateConfig, ckpt: object) -> tuple[ValidateConfig, dict]:
+    """``config`` with the model, ``--in-chans`` and ``--gp`` the checkpoint records filled in where the flags
+    leave them unset, and the checkpoint's eval ``data_config`` (empty for a file that records none); logs one
+    warning line naming the flags that disagree with the checkpoint (the flags win)."""
+    meta = ckpt if isinstance(ckpt, Mapping) else {}
+    args = _train_args(meta)
+    known = {"model": _file_arch(meta, args), "in_chans": _scalar(args.get("in_chans")),
+             "gp": _scalar(args.get("gp"))}
+    data = meta.get("data_config")
+    data = {k: v for k, v in data.items() if k in _DATA_KEYS and v not in (None, "")} \
+        if isinstance(data, Mapping) else {}
+    if config.model is None and not known["model"]:
+        recorded = meta.get("arch")
+        why = (f"{config.checkpoint} does not name its architecture" if config.checkpoint
+               else "--pretrained loads timm's weights of a named architecture")
+        if isinstance(recorded, str) and recorded:
+            why += f" (it records {recorded!r}, not a timm model name)"
+        raise UserError(f"{why}; pass --model NAME")
+    differ = [f"{_FLAGS[k]} {getattr(config, k)} (checkpoint: {v})" for k, v in known.items()
+              if v not in (None, "") and getattr(config, k) not in (None, "") and getattr(config, k) != v]
+    differ += _data_disagreements(config, data, config.in_chans or known["in_chans"] or 3)
+    if differ:
+        log.warning(f"validate: flags differ from what {config.checkpoint} records: {'; '.join(differ)}; "
+                    "evaluating with the flags")
+    filled = {k: v for k, v in known.items() if v not in (None, "") and getattr(config, k) in (None, "")}
+    return dataclasses.replace(config, **filled), data
+
+
+def _train_args(meta: Mapping) -> dict:
+    """The training flags a checkpoint stores: a dict (ours) or an argparse.Namespace (timm's, the seed's)."""
+    args = meta.get("args")
+    if hasattr(args, "__dict__") and not isinstance(args, Mapping):
+        args = vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def _scalar(value: object) -> object:
+    """One student's value of a training flag (a multi-student run stores lists of one value per student)."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(value) == 1 else None
+    return value
+
+
+def _file_arch(meta: Mapping, args: dict) -> str | None:
+    """The timm architecture a checkpoint records: ``arch`` (ours), else timm's ``args.model`` (timm's saver
+    stores the model's class name as ``arch``, e.g. 'resnet')."""
+    import timm
+    for name in (meta.get("arch"), _scalar(args.get("model"))):
+        if isinstance(name, str) and name and timm.is_model(name):
+            return name
+    return None
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+def _data_disagreements(c: ValidateConfig, data: dict, in_chans: int) -> list[str]:
+    """'--flag value (checkpoint: value)' for each eval-transform flag given that differs from ``data``."""
+    out = []
+    size = data.get("input_size")
+    if size and c.input_size and not _same(list(c.input_size), list(size)):
+        out.append(f"--input-size {' '.join(map(str, c.input_size))} (checkpoint: {' '.join(map(str, size))})")
+    elif size and not c.input_size and c.img_size and not _same([c.img_size] * 2, list(size)[1:]):
+        out.append(f"--img-size {c.img_size} (checkpoint: {size[-1]})")
+    for key in ("mean", "std"):
+        given, theirs = getattr(c, key), data.get(key)
+        if given and theirs is not None:
+            given = list(given) * in_chans if len(given) == 1 else list(given)
+            if not _same(given, list(theirs)):
+                out.append(f"--{key} {' '.join(map(str, given))} (checkpoint: {' '.join(map(str, theirs))})")
+    for key in ("interpolation", "crop_pct", "crop_mode"):
+        given, theirs = getattr(c, key), data.get(key)
+        if given not in (None, "") and theirs is not None and not _same(given, theirs):
+            out.append(f"{_FLAGS[key]} {given} (checkpoint: {theirs})")
+    return out
+
+
+def eval_data_config(c: ValidateConfig, file_data: dict, model) -> dict:
+    """The eval transform: the flags, else the checkpoint's ``data_config``, else the model's timm config."""
+    from timm.data import resolve_data_config
+    flags = {k: getattr(c, k) for k in ("input_size", "img_size", "crop_pct", "crop_mode", "mean", "std",
+                                        "interpolation", "in_chans")}
+    base = dict(getattr(model, "pretrained_cfg", None) or {})
+    base.update({k: tuple(v) if isinstance(v, list) else v for k, v in file_data.items()})
+    return resolve_data_config(flags, pretrained_cfg=base, model=model)
+
+
+def _check_classes(c: ValidateConfig, ckpt: object, data_classes: Sequence[str]) -> None:
+    """Warn when the checkpoint was trained on other class folders than the split holds (labels by index)."""
+    trained = ckpt.get("classes") if isinstance(ckpt, Mapping) else None
+    if isinstance(trained, (list, tuple)) and trained and list(map(str, trained)) != list(map(str, data_classes)):
+        def show(names):
+            names = list(map(str, names))
+            return ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
+        log.warning(f"validate: {c.checkpoint} was trained on the classes [{show(trained)}] but the split holds "
+                    f"[{show(data_classes)}]: labels are scored by index, so the numbers may mean nothing")
+
+
+def _checkpoint_state(config: ValidateConfig, ckpt: object) -> dict:
     from .weights import has_ema, select_state
-    ckpt = load_file(config.checkpoint, trust=config.trust_checkpoint)
     if config.use_ema and not has_ema(ckpt):
-        raise UserError(f"--use-ema: {config.checkpoint} holds no EMA weights (state_dict_ema / model_ema)")
+        raise UserError(f"--use-ema: {config.checkpoint} holds no EMA weights (state_dict_ema / model_ema); "
+                        "train with --model-ema, or drop --use-ema")
     return select_state(ckpt, use_ema=config.use_ema, path=config.checkpoint)
 
 

@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default="test_resnet")
     p.add_argument("--teacher", default="resnet10t")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=None, help="default 32 (with --data: 224, as --data-img-size)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (with --data: as --data-batch-size)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--kd-loss", default="kd")
     p.add_argument("--opt", default="lamb")
@@ -45,21 +45,44 @@ def add_data_bench_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``bench --data`` (``tools.bench_data``)."""
     g = p.add_argument_group("--data mode")
     g.add_argument("--data-dir", default=None, help="a folder of class folders of images (default: synthetic JPEGs)")
-    g.add_argument("--num-images", type=int, default=512, help="synthetic JPEGs to write / images to read")
-    g.add_argument("--data-img-size", type=int, default=224)
-    g.add_argument("--data-batch-size", type=int, default=64)
+    g.add_argument("--num-images", type=int, default=None,
+                   help="synthetic JPEGs to write (default 512); with --data-dir, how many of its images to use "
+                        "(spread over its classes; default all)")
+    g.add_argument("--data-img-size", type=int, default=None, help="same as --img-size in --data mode (default 224)")
+    g.add_argument("--data-batch-size", type=int, default=None,
+                   help="same as --batch-size in --data mode (default 64)")
     g.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
     g.add_argument("--with-kd", action="store_true",
-                   help="also end to end through the KD step of --student <- --teacher (with --compile, --amp ...)")
+                   help="also time the loader feeding the KD step of --student <- --teacher (--compile, --amp ...)")
     g.add_argument("--pipelines", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
     g.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=None,
                    help="augmentation flags of the training scripts (default: the A2 recipe's: "
                         + " ".join(A2_FLAGS) + ")")
 
 
+# (the step bench's name, the --data mode's name, the step bench's default, the --data mode's default)
+_SIZES = (("img_size", "data_img_size", 32, 224), ("batch_size", "data_batch_size", 64, 64))
+
+
+def resolve_sizes(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``--img-size`` / ``--batch-size`` apply in both modes; in ``--data`` mode ``--data-img-size`` /
+    ``--data-batch-size`` are other names for them (two disagreeing values are an error)."""
+    for name, data_name, default, data_default in _SIZES:
+        given, data_given = getattr(a, name), getattr(a, data_name)
+        if not a.data:
+            setattr(a, name, default if given is None else given)
+            continue
+        if given is not None and data_given is not None and given != data_given:
+            parser.error(f"--{name.replace('_', '-')} {given} and --{data_name.replace('_', '-')} {data_given} "
+                         "disagree; give one of them")
+        setattr(a, data_name, next((v for v in (data_given, given) if v is not None), data_default))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    resolve_sizes(parser, a)
     command = "vanillakd bench " + " ".join(argv)
     from .run_config import parse_run_config
     if a.data:

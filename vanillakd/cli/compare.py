@@ -9,14 +9,20 @@ from ..tools import compare as tool
 from ..tools.compare import GRID_KEYS
 from .train_args import _Parser
 
+RECIPE_HINT = ("train-kd's flags (the shared recipe) go after --, e.g. vanillakd compare DIR --model M --teacher T "
+               "--teacher-pretrained FILE -- --epochs 3 --lr 1e-3")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    methods = tool.compare_methods()
     p = _Parser(prog="vanillakd compare", description=tool.__doc__,
                 epilog="Any other flag (after --) is passed to every train-kd run: the shared recipe.")
     p.add_argument("data_dir", nargs="?", default=None, metavar="DIR")
     p.add_argument("-c", "--config", default="", help="YAML grid: any of " + ", ".join(sorted(GRID_KEYS)))
     p.add_argument("--model", default=None, help="the student architecture (one for every cell)")
-    p.add_argument("--methods", nargs="+", default=None, help="kd losses; 'none' is the student without KD")
+    p.add_argument("--methods", nargs="+", default=None, choices=methods, metavar="METHOD",
+                   help=f"any of {', '.join(methods)} ('none' is the student without KD; feature methods train "
+                        "with train-fd / train-crd); default: none kd dkd dist")
     p.add_argument("--fractions", nargs="+", type=float, default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--teacher", default=None)
@@ -42,7 +48,11 @@ def parse_argv(argv: Sequence[str]) -> tuple[dict, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         argv, recipe = argv[:i], argv[i + 1:]
-    return vars(build_parser().parse_args(argv)), recipe
+    parser = build_parser()
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}; {RECIPE_HINT}")
+    return vars(flags), recipe
 
 
 def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -56,5 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .run_config import run_train_argv
     results, out = tool.compare(*load_grid(sys.argv[1:] if argv is None else argv), run_argv=run_train_argv)
     print((out / "results.md").read_text(), end="")
-    print(f"{len(results)} runs; {out / 'results.csv'}, {out / 'results.md'}, plots in {out}")
+    print(f"{len(results)} runs; {out / 'results.csv'}, {out / 'results.md'}"
+          + (f", plots in {out}" if any(out.glob("*.png")) else ""))
     return 0

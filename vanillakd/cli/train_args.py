@@ -25,6 +25,25 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def format_help(self) -> str:
+        """Every flag's help ends with its default, so the recipe a bare command runs is on screen."""
+        for action in self._actions:
+            shown = _default_text(action.default)
+            if shown is not None and "(default" not in (action.help or "") and action.help != argparse.SUPPRESS:
+                action.help = (action.help + " " if action.help else "") + f"(default: {shown})"
+        return super().format_help()
+
+
+def _default_text(default: Any) -> str | None:
+    """A default as one writes it on the command line; None for flags without a meaningful one."""
+    if default is argparse.SUPPRESS or default is None or default == "" or isinstance(default, bool):
+        return None  # switches, and values whose absence means "auto" or "none" (their help says which)
+    def text(v: Any) -> str:
+        return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(default, (list, tuple)):
+        return " ".join(text(v) for v in default).replace("%", "%%")
+    return text(default).replace("%", "%%")
+
 
 def _positive(kind):
     def check(text: str):

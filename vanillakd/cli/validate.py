@@ -12,19 +12,25 @@ from .train_args import _Parser, add_dataset_flags, pos_float, pos_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="validate.py", description="Evaluate a checkpoint on DIR/val (or --split).")
+    p = _Parser(prog="validate.py", description=(
+        "Evaluate a checkpoint on DIR/val (or --split). The architecture, head size, input size, normalisation, "
+        "interpolation and crop come from the checkpoint when it records them (vanillakd training checkpoints do); "
+        "a flag given overrides it, with a warning."))
     p.add_argument("data_dir", metavar="DIR")
     p.add_argument("--split", default="validation", help="split folder; 'validation' also finds val/")
     add_dataset_flags(p, splits=False)
-    p.add_argument("--model", "-m", default="resnet50", help="timm architecture")
+    p.add_argument("--model", "-m", default=None,
+                   help="timm architecture (default: the one the checkpoint records; required for files naming none)")
     p.add_argument("--checkpoint", default="", help="weights file (state_dict, or dict with state_dict / model ...)")
     p.add_argument("--zoo", default=None, metavar="NAME",
                    help="a published VanillaKD student: sets --model and --checkpoint (fetched if missing)")
     p.add_argument("--zoo-dir", default=None, help="where zoo files live (default ~/.cache/vanillakd/zoo)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights when no --checkpoint")
-    p.add_argument("--use-ema", action="store_true", help="take the EMA weights from the checkpoint")
+    p.add_argument("--use-ema", action="store_true",
+                   help="take the EMA weights from the checkpoint (an error when it holds none)")
     p.add_argument("--num-classes", type=pos_int, default=None, help="defaults to the number of class folders")
     p.add_argument("--gp", default=None)
+    # the eval transform: unset, each comes from the checkpoint's data_config, else timm's config of --model
     p.add_argument("--img-size", type=pos_int, default=None)
     p.add_argument("--in-chans", type=pos_int, default=None)
     p.add_argument("--input-size", default=None, nargs=3, type=pos_int, metavar="N")

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from timm.data import create_dataset
 from timm.data.readers.class_map import load_class_map
 
@@ -27,7 +26,24 @@ def find_split(root: Path, split: str) -> Path:
         if (root / name).is_dir():
             return root / name
     tried = " or ".join(f"{root / n}" for n in dict.fromkeys(candidates))
-    raise UserError(f"split {split!r} missing: no folder {tried}")
+    raise UserError(f"split {split!r} missing: no folder {tried}; the data dir holds one folder per split, "
+                    f"DIR/train/<class>/<images> and DIR/val/<class>/<images>{_layout_hint(root)}")
+
+
+def _layout_hint(root: Path) -> str:
+    """What ``root`` looks like when it is not a folder of splits: a split folder itself, or a class folder list."""
+    try:
+        folders = class_folders(root)
+    except OSError:
+        return ""
+    split_names = {"train", *VAL_SPLIT_NAMES}
+    if not folders or split_names & {f.lower() for f in folders}:
+        return ""
+    shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+    if root.name.lower() in split_names:
+        return (f"; {root} looks like a split folder itself (its subfolders {shown} are classes): "
+                f"pass its parent {root.resolve().parent}")
+    return f"; {root}'s subfolders ({shown}) look like classes: put them in {root}/train/ and {root}/val/"
 
 
 def check_data_root(data_dir: str | os.PathLike) -> Path:

@@ -1,9 +1,11 @@
-"""``vanillakd bench --data``: img/s of the training input pipeline, per worker and end to end.
+"""``vanillakd bench --data``: img/s of the training input pipeline, per worker, the loader, and with the KD step.
 
-Per worker: one process decodes and augments samples one by one (what each DataLoader worker does).
-End to end: the training loader itself (sampler, workers, collate with mixup / cutmix, the device prefetcher)
+'per worker': one process decodes and augments samples one by one (what each DataLoader worker does).
+'loader': the training loader alone (sampler, workers, collate with mixup / cutmix, the device prefetcher)
 delivering normalised batches on the device, for each requested worker count and pipeline.
-Without ``--data-dir`` it writes ImageNet-like JPEGs (500x375, smooth content plus noise) to a temporary folder.
+'with KD step' (``--with-kd``): the same loader with every batch also going through the KD training step.
+Without ``--data-dir`` it writes ``--num-images`` ImageNet-like JPEGs (500x375, smooth content plus noise) to a
+temporary folder; with it, ``--num-images`` takes that many images of the folder, spread over its classes.
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def _write_jpeg(job) -> None:
     img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
     img += rng.normal(0, 12, img.shape)
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+SYNTHETIC_IMAGES = 512  # JPEGs written without --data-dir and --num-images
+
+
+def spread(samples: list, n: int) -> list:
+    """``n`` of ``samples`` (all when fewer), evenly spaced so that a class-sorted folder keeps all its classes."""
+    if n >= len(samples):
+        return list(samples)
+    return [samples[i * len(samples) // n] for i in range(n)]
 
 
 def _train_config(a: Any, workers: int, pipeline: str, device: torch.device, configure: Configure) -> RunConfig:
@@ -93,10 +105,13 @@ def data_bench(a: Any, tmp: Path, command: str, configure: Configure) -> dict:
     from timm.data import create_dataset, resolve_data_config
 
     device, precision, a = bench_device(a)
-    root = Path(a.data_dir) if a.data_dir else write_jpegs(tmp / "jpegs", a.num_images)
+    root = Path(a.data_dir) if a.data_dir else write_jpegs(tmp / "jpegs", a.num_images or SYNTHETIC_IMAGES)
     dataset = create_dataset("", root=str(root), is_training=True)
+    folder_classes = len(dataset.reader.class_to_idx) or len({t for _, t in dataset.reader.samples})
+    if a.data_dir and a.num_images:
+        dataset.reader.samples = spread(dataset.reader.samples, a.num_images)
     # with the KD step, the models keep --num-classes (the same compiled graphs as the step bench)
-    num_classes = max(len({t for _, t in dataset.reader.samples}), a.num_classes if a.with_kd else 0)
+    num_classes = max(folder_classes, a.num_classes if a.with_kd else 0)
     kd_step = None
     if a.with_kd:
         a.img_size, a.batch_size, a.num_classes = a.data_img_size, a.data_batch_size, num_classes
@@ -115,7 +130,7 @@ def data_bench(a: Any, tmp: Path, command: str, configure: Configure) -> dict:
                             "img_s": per_worker_rate(dataset, cfg, data_config, pipeline, n)})
         for workers in a.data_workers:
             cfg = _train_config(a, workers, pipeline, device, configure)
-            res["rows"].append({"pipeline": pipeline, "stage": "end to end", "workers": workers,
+            res["rows"].append({"pipeline": pipeline, "stage": "loader", "workers": workers,
                                 "img_s": end_to_end_rate(dataset, cfg, data_config, num_classes, device)})
             if kd_step is not None:
                 res["rows"].append({"pipeline": pipeline, "stage": "with KD step", "workers": workers,
@@ -128,5 +143,7 @@ def print_data_table(res: dict) -> None:
     print(f"{'pipeline':<10}{'stage':<14}{'workers':>8}{'img/s':>10}")
     for r in res["rows"]:
         print(f"{r['pipeline']:<10}{r['stage']:<14}{r['workers']:>8}{r['img_s']:>10.1f}")
+    print("(per worker: one process decoding + augmenting; loader: the training loader alone; with KD step: "
+          "the loader feeding the KD training step)")
     print(f"[{res.get('device', res['device_type'])}, {res['images']} images, {res['img_size']}px, batch "
           f"{res['batch_size']}, {' '.join(res['recipe'])}]")
