@@ -167,3 +167,29 @@ def plain(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+
+
+def training_flags(ckpt: object) -> dict[str, Any]:
+    """The training flags a checkpoint stores: a dict (ours) or an argparse.Namespace (timm's, the seed's)."""
+    args = ckpt.get("args") if isinstance(ckpt, Mapping) else None
+    if hasattr(args, "__dict__") and not isinstance(args, Mapping):
+        args = vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def one_value(value: object) -> object:
+    """One student's value of a training flag (a multi-student run stores lists of one value per student)."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(value) == 1 else None
+    return value
+
+
+def recorded_arch(ckpt: object) -> str | None:
+    """The timm architecture a checkpoint records: ``arch`` (ours), else timm's ``args.model`` (timm's saver
+    stores the model's class name as ``arch``, e.g. 'resnet')."""
+    import timm
+    meta = ckpt if isinstance(ckpt, Mapping) else {}
+    for name in (meta.get("arch"), one_value(training_flags(meta).get("model"))):
+        if isinstance(name, str) and name and timm.is_model(name):
+            return name
+    return None

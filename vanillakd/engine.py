@@ -59,7 +59,8 @@ def tag(student, students: Sequence) -> str:
     return f" [{student.setting.tag}" + (f" #{student.index}]" if shared else "]")
 
 
-def _eta(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``h:mm:ss``, for ETAs and run times."""
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
@@ -104,8 +105,8 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, stude
             elapsed = time.perf_counter() - start
             rate = (done - start_step) * batch_size / max(elapsed, 1e-9)
             per_step = elapsed / (done - start_step)
-            eta = f"ETA {_eta(per_step * (total - done))}" + (
-                f", run {_eta(per_step * (total - done + epochs_after * total))} (training only)" if epochs_after
+            eta = f"ETA {hms(per_step * (total - done))}" + (
+                f", run {hms(per_step * (total - done + epochs_after * total))} (training only)" if epochs_after
                 else "")
             if teacher is not None:
                 teacher.check()  # a teacher cache verifies here that it served this stream's batches

@@ -14,7 +14,7 @@ from typing import Any
 
 import timm
 
-from .checkpoint import atomic_write, atomic_write_text, load_file
+from .checkpoint import atomic_write, atomic_write_text, load_file, training_flags
 from .errors import UserError
 from .weights import file_num_classes, fit_state, has_ema, select_state
 
@@ -74,7 +74,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 def _build_args(ckpt: object) -> dict[str, Any]:
     """The model options the run built the student with (``--in-chans``, ``--gp``): without them the weights
     would not fit (another first conv) or would silently compute something else (another pooling)."""
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else (args or {})
+    args = training_flags(ckpt)
     build = {"in_chans": args.get("in_chans"), "global_pool": args.get("gp")}
     return {k: v for k, v in build.items() if v not in (None, "")}

@@ -9,7 +9,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-from .checkpoint import load_file
+from .checkpoint import load_file, recorded_arch
 from .config import RunConfig
 from .data.folder import SplitDataset, drop_bad_images, take_fraction
 from .data.sources import build_train_val_any, image_mode
@@ -94,16 +94,7 @@ def _saved_arch(path: str | None, trust: bool) -> str | None:
         ckpt = load_file(path, trust=trust)
     except UserError:
         return None
-    if not isinstance(ckpt, dict):
-        return None
-    import timm
-    args = ckpt.get("args")
-    model = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
-    # ours record the timm name as 'arch'; timm's and the seed's record the class name there, the name in args
-    for name in (ckpt.get("arch"), model[0] if isinstance(model, list) and model else model):
-        if isinstance(name, str) and timm.is_model(name):
-            return name
-    return None
+    return recorded_arch(ckpt)
 
 
 def build_teacher(cfg: RunConfig, kd_losses: list[str], num_classes: int, device: torch.device,

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from .banner import log_recipe
-from .checkpoint import load_file, plain, set_rng_state
+from .checkpoint import load_file, plain, set_rng_state, training_flags
 from .config import RunConfig, StudentSetting
 from .data.folder import SplitDataset
 from .data.loader import build_eval_loader, build_train_loader, start_workers
 from .distributed import DistInfo, replicas_in_sync, teardown
-from .engine import FitPlan, evaluate, evaluated_with, fit
+from .engine import FitPlan, evaluate, evaluated_with, fit, hms
 from .errors import UserError
 from .export import export_checkpoint
 from .external_log import ExternalLoggers
@@ -257,17 +257,11 @@ def _finish(st: StudentRun, cfg: RunConfig, info: DistInfo, seconds: float) -> d
         source = best_file if best_file.is_file() else st.out_dir / "last.pth.tar"
         st.log.info(f"exported {source.name} to {export_checkpoint(source, st.out_dir / 'export')}")
     best_file = st.out_dir / "model_best.pth.tar"
-    st.log.info(f"done in {_duration(seconds)}: best {cfg.loop.eval_metric} "
+    st.log.info(f"done in {hms(seconds)}: best {cfg.loop.eval_metric} "
                 f"{best if best is None else round(best, 3)} at epoch {st.saver.best_epoch}"
                 + (f", {best_file}" if best is not None else "") + f"; outputs in {st.out_dir}")
     return {"tag": st.setting.tag, "out_dir": str(st.out_dir), "best_metric": best,
             "best_epoch": st.saver.best_epoch, "last": st.summary.rows[-1] if st.summary.rows else {}}
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"
 
 
 def _checkpoint_candidates(folder: Path) -> list[Path]:
@@ -302,7 +296,7 @@ def _newest_valid(folder: Path, trust: bool) -> tuple[Path, dict]:
 
 def _check_resume_stream(ckpt: dict, workers: int, path) -> None:
     """Shards: the epoch's order depends on the worker count, so a mid-epoch resume must keep it."""
-    saved = (ckpt.get("args") or {}).get("workers")
+    saved = training_flags(ckpt).get("workers")
     if ckpt.get("step") is not None and saved is not None and saved != workers:
         raise UserError(f"--resume {path}: stopped mid-epoch with --workers {saved}; over wds/ shards the "
                         f"epoch's order depends on it, so continue with --workers {saved} (not {workers})")

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .checkpoint import one_value, recorded_arch, training_flags
 from .errors import UserError
 
 log = logging.getLogger("vanillakd")
@@ -145,9 +146,9 @@ def from_checkpoint(config: ValidateConfig, ckpt: object) -> tuple[ValidateConfi
     leave them unset, and the checkpoint's eval ``data_config`` (empty for a file that records none); logs one
     warning line naming the flags that disagree with the checkpoint (the flags win)."""
     meta = ckpt if isinstance(ckpt, Mapping) else {}
-    args = _train_args(meta)
-    known = {"model": _file_arch(meta, args), "in_chans": _scalar(args.get("in_chans")),
-             "gp": _scalar(args.get("gp"))}
+    args = training_flags(meta)
+    known = {"model": recorded_arch(meta), "in_chans": one_value(args.get("in_chans")),
+             "gp": one_value(args.get("gp"))}
     data = meta.get("data_config")
     data = {k: v for k, v in data.items() if k in _DATA_KEYS and v not in (None, "")} \
         if isinstance(data, Mapping) else {}
@@ -166,31 +167,6 @@ def from_checkpoint(config: ValidateConfig, ckpt: object) -> tuple[ValidateConfi
                     "evaluating with the flags")
     filled = {k: v for k, v in known.items() if v not in (None, "") and getattr(config, k) in (None, "")}
     return dataclasses.replace(config, **filled), data
-
-
-def _train_args(meta: Mapping) -> dict:
-    """The training flags a checkpoint stores: a dict (ours) or an argparse.Namespace (timm's, the seed's)."""
-    args = meta.get("args")
-    if hasattr(args, "__dict__") and not isinstance(args, Mapping):
-        args = vars(args)
-    return dict(args) if isinstance(args, Mapping) else {}
-
-
-def _scalar(value: object) -> object:
-    """One student's value of a training flag (a multi-student run stores lists of one value per student)."""
-    if isinstance(value, (list, tuple)):
-        return value[0] if len(value) == 1 else None
-    return value
-
-
-def _file_arch(meta: Mapping, args: dict) -> str | None:
-    """The timm architecture a checkpoint records: ``arch`` (ours), else timm's ``args.model`` (timm's saver
-    stores the model's class name as ``arch``, e.g. 'resnet')."""
-    import timm
-    for name in (meta.get("arch"), _scalar(args.get("model"))):
-        if isinstance(name, str) and name and timm.is_model(name):
-            return name
-    return None
 
 
 def _same(a: object, b: object) -> bool:
