@@ -60,6 +60,9 @@ def test_resume_matches_uninterrupted_run(tiny_data, teacher, tmp_path, entry, m
 
 
 def test_resume_errors(tiny_data, teacher, tmp_path, capsys):
+    damaged = tmp_path / "r"
+    damaged.mkdir()
+    (damaged / "last.pth.tar").write_bytes(b"not a checkpoint")  # something to resume, but nothing loads
     assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "r", "--resume", "auto")) == 2
     assert "no valid checkpoint" in capsys.readouterr().err
     assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "r", "--resume", tmp_path / "nope.pth")) == 2

@@ -156,10 +156,10 @@ def test_real_fashion_mnist_subset(fashion_mnist, tmp_path, workers):
     teacher = save_teacher(tmp_path / "t.pth", "test_resnet", num_classes=10)
     argv = [data, "--model", "test_resnet", "--teacher", "test_resnet", "--teacher-pretrained", teacher,
             "--kd-loss", "kd", "--epochs", "1", "-b", "16", "--img-size", "32", "--workers", str(workers),
-            "--output", tmp_path, "--experiment", "fm", "--no-progress", "--aa", "rand-m7-mstd0.5", "--mixup", "0.1",
+            "--output", tmp_path, "--experiment", "run", "--no-progress", "--aa", "rand-m7-mstd0.5", "--mixup", "0.1",
             "--cutmix", "1.0", "--bce-loss", "1"]
     assert run_cli(train_kd.cli, argv) == 0
-    rows = list(csv.DictReader(open(tmp_path / "fm" / "summary.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
     assert float(rows[0]["eval_top1"]) >= 0 and len(rows) == 1
 
 

@@ -96,7 +96,7 @@ def test_forgotten_teacher_flag_is_named(tiny_data, teacher_ckpt, tmp_path, capf
 def test_help_shows_defaults():
     r = run_script("train-kd.py", "--help")
     text = " ".join(r.stdout.split())
-    for shown in ("per-process batch size (default: 128)", "(default: 300)", "(default: sgd)", "(default: 0.05)",
+    for shown in ("per-process batch size (> 0) (default: 128)", "(default: 300)", "(default: sgd)", "(default: 0.05)",
                   "student architecture(s), timm names (default: resnet50)",
                   "teacher architecture (timm name) (default: beitv2_base_patch16_224)"):
         assert shown in text, shown

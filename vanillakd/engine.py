@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .data.loader import set_epoch
 from .distributed import DistInfo, all_reduce_sum
 from .features import Features
 from .precision import Precision
+from .stop import RunStopped, StopVote, signal_name
 from .student import MicroStep
 from .teachers.base import Teacher
 
@@ -81,6 +83,17 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, stude
     if max_steps is not None:
         total = min(total, max_steps)
     bar = Progress(total, f"train {epoch}", progress)
+    try:
+        _train_steps(epoch, loader, teacher, students, precision, channels_last, log_interval, total, bar,
+                     start_step, after_step, accum_steps, epochs_after)
+    finally:
+        bar.close()  # also when a step raises (a stop, a non-finite loss): no bar left on the screen
+    return [s.train_metrics() for s in students]
+
+
+def _train_steps(epoch: int, loader: Iterable, teacher: Teacher | None, students: Sequence, precision: Precision,
+                 channels_last: bool, log_interval: int, total: int, bar: Progress, start_step: int,
+                 after_step: Callable[[int, int], None] | None, accum_steps: int, epochs_after: int) -> None:
     bar.update(start_step)
     start = time.perf_counter()
     batch_size = None
@@ -117,8 +130,6 @@ def train_one_epoch(epoch: int, loader: Iterable, teacher: Teacher | None, stude
             bar.show(loss=f"{m['loss']:.4f}", img_s=f"{rate:.1f}")
         if after_step is not None:
             after_step(done, total)
-    bar.close()
-    return [s.train_metrics() for s in students]
 
 
 @torch.no_grad()
@@ -198,6 +209,7 @@ class FitPlan:
     start_step: int = 0
     teacher_val: Callable[[], list[torch.Tensor] | None] = lambda: None
     external: Any = None
+    stop: StopVote | None = None
 
 
 def fit(plan: FitPlan) -> None:
@@ -211,7 +223,7 @@ def fit(plan: FitPlan) -> None:
         train_metrics = train_one_epoch(
             epoch, plan.train_loader, plan.teacher, students, plan.precision, bool(cfg.speed.channels_last),
             cfg.loop.log_interval, cfg.loop.max_train_steps, cfg.loop.progress if info.primary else False,
-            start_step=first, after_step=_recovery_saver(plan, epoch), accum_steps=cfg.optim.grad_accum_steps,
+            start_step=first, after_step=_after_step(plan, epoch), accum_steps=cfg.optim.grad_accum_steps,
             epochs_after=num_epochs - epoch - 1)
         train_time = time.perf_counter() - t0
         if info.distributed and cfg.dist.dist_bn:
@@ -226,20 +238,52 @@ def fit(plan: FitPlan) -> None:
             _evaluate_and_save(st, epoch, cfg, row, plan, do_eval, teacher_preds)
             if plan.external is not None:
                 plan.external.log(st.setting.tag if len(students) > 1 else "", row, epoch)
+        signum = plan.stop.poll() if plan.stop is not None else None
+        if signum is not None and epoch + 1 < num_epochs:
+            raise RunStopped(_stopped_line(plan, signum, f"epoch {epoch}", None), signum)
 
 
-def _recovery_saver(plan: FitPlan, epoch: int) -> Callable[[int, int], None]:
-    """``--recovery-interval N``: a mid-epoch checkpoint every N steps, only between optimizer updates
-    (gradients of a half-done accumulation are not saved)."""
+def _after_step(plan: FitPlan, epoch: int) -> Callable[[int, int], None]:
+    """After each step: ``--recovery-interval N``'s mid-epoch checkpoint every N steps, and the stop on
+    SIGTERM / SIGINT (agreed by every rank), both only between optimizer updates: the gradients of a
+    half-done accumulation are not saved."""
     cfg = plan.cfg
     interval, accum = cfg.checkpoint.recovery_interval, cfg.optim.grad_accum_steps
 
-    def save(done: int, total: int) -> None:
-        if interval and done % interval == 0 and done % accum == 0 and done < total and plan.info.primary:
-            for st in plan.students:
-                st.check_finite()  # never save non-finite weights
-                atomic_save(st.checkpoint(epoch, cfg.flags, None, step=done), st.out_dir / "recovery.pth.tar")
-    return save
+    def after(done: int, total: int) -> None:
+        signum = plan.stop.poll() if plan.stop is not None else None
+        if done % accum or done >= total:
+            return  # mid-accumulation, or the epoch's end (saved, and a stop there taken, by fit)
+        if signum is not None:
+            recovery = _save_recovery(plan, epoch, done)
+            raise RunStopped(_stopped_line(plan, signum, f"epoch {epoch}, step {done}/{total}", recovery), signum)
+        if interval and done % interval == 0:
+            _save_recovery(plan, epoch, done)
+    return after
+
+
+def _save_recovery(plan: FitPlan, epoch: int, done: int) -> Path | None:
+    """``recovery.pth.tar`` of every student at ``done`` batches into ``epoch`` (rank 0 writes)."""
+    if not plan.info.primary:
+        return None
+    for st in plan.students:
+        st.check_finite()  # never save non-finite weights
+        atomic_save(st.checkpoint(epoch, plan.cfg.flags, None, step=done), st.out_dir / "recovery.pth.tar")
+    return plan.students[0].out_dir / "recovery.pth.tar"
+
+
+def _stopped_line(plan: FitPlan, signum: int, where: str, saved: Path | None) -> str:
+    """One line: where the run stopped, what it saved, and the command that continues it."""
+    c, loop = plan.cfg.checkpoint, plan.cfg.loop
+    run_dir = plan.students[0].out_dir if len(plan.students) == 1 else plan.students[0].out_dir.parent
+    if c.resume == "auto":
+        how = "run the same command again"
+    elif loop.experiment:
+        how = "run the same command with --resume auto"
+    else:
+        how = f"run the same command with --resume {run_dir}"
+    what = f"saved {saved}" if saved is not None else f"checkpoints in {run_dir}"
+    return f"stopped by {signal_name(signum)} after {where} ({what}); to continue, {how}"
 
 
 def _evaluate_and_save(st, epoch: int, cfg: RunConfig, row: dict, plan: FitPlan, do_eval: bool,

@@ -15,6 +15,15 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+class RunStopped(Exception):
+    """A run stopped on a signal (SIGTERM, SIGINT) after saving where it was; ``exit_code`` is 128 + the
+    signal's number, as a shell reports a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def one_line(e: UserError) -> str:
     """The message; a UserError raised in a DataLoader worker arrives wrapped in the worker's traceback text,
     whose last line is the original message."""
@@ -53,6 +62,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as e:  # its line, saying how to continue, is already in the log and on stderr
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ from typing import Any
 
 import timm
 
-from .checkpoint import atomic_write, atomic_write_text, load_file, training_flags
+from .checkpoint import atomic_write_many, load_file, training_flags, writable_folder
 from .errors import UserError
 from .weights import file_num_classes, fit_state, has_ema, select_state
 
@@ -27,6 +27,32 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                       use_ema: bool = False, trust: bool = False) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` from a vanillakd (or timm) checkpoint."""
     from safetensors.torch import save as save_safetensors
+    out = Path(out_dir)
+    existed = out.exists()
+    writable_folder(out, "export folder")  # before the work: a folder it cannot write fails at once
+    try:
+        config, tensors = _export_contents(checkpoint, model, use_ema, trust)
+    except BaseException:
+        if not existed:
+            _remove_if_empty(out)  # a refused export leaves no empty folder behind
+        raise
+    weights = save_safetensors(tensors, metadata={"format": "pt"})
+    # weights and config belong together: neither replaces an older export's unless both are written
+    atomic_write_many({out / "model.safetensors": lambda f: f.write(weights),
+                       out / "config.json": lambda f: f.write((json.dumps(config, indent=2) + "\n").encode())})
+    return out
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _export_contents(checkpoint: str | os.PathLike, model: str | None, use_ema: bool,
+                     trust: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export's config.json contents and its tensors."""
     ckpt = load_file(checkpoint, trust=trust)
     arch = model or (ckpt.get("arch") if isinstance(ckpt, dict) else None)
     if not arch:
@@ -60,15 +86,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     classes = ckpt.get("classes") if isinstance(ckpt, dict) else None
     if classes:
         config["label_names"] = list(classes)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e.strerror}") from None
-    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda f: f.write(save_safetensors(tensors, metadata={"format": "pt"})))
-    atomic_write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
-    return out
+    return config, {k: v.contiguous() for k, v in net.state_dict().items()}
 
 
 def _build_args(ckpt: object) -> dict[str, Any]:

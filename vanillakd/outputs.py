@@ -5,7 +5,6 @@ import csv
 import io
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_save, atomic_write_text, plain
+from .checkpoint import atomic_save, atomic_write_text, copy_file, os_reason, plain
 from .errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(message)s"
@@ -47,10 +46,34 @@ def writes_to(logger: logging.Logger, path: Path) -> bool:
 
 
 def add_log_file(logger: logging.Logger, path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+    """Append ``logger``'s lines to ``path``. A log that has other names (hard links, e.g. a ``cp -al``
+    backup of the run) is first replaced by a copy of its own, so the appends never reach the backup."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_nlink > 1:
+            copy_file(path, path)
+        handler = _LogFile(path)
+    except OSError as e:
+        raise UserError(f"could not open the log file {path}: {os_reason(e, path.parent)}") from None
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     return handler
+
+
+class _LogFile(logging.FileHandler):
+    """A log file whose failed write (a full disk) is one line on stderr, once, not a traceback per record:
+    the run goes on, and the checkpoint it writes next reports the disk's state as an error."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        e = sys.exc_info()[1]
+        reason = os_reason(e, Path(self.baseFilename).parent) if isinstance(e, OSError) else repr(e)
+        print(f"vanillakd: warning: could not write the log file {self.baseFilename}: {reason}; its later lines "
+              "are lost", file=sys.stderr)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -142,22 +165,17 @@ class CheckpointWriter:
         self.best_epoch: int | None = None
 
     def save_last(self, state: dict[str, Any], epoch: int, history: int = 0) -> None:
-        """``last.pth.tar``, plus ``checkpoint-<epoch>.pth.tar`` (a hard link, no second write) keeping the
-        newest ``history`` of them; older ones are removed only once the new one is safely on disk."""
+        """``last.pth.tar``, plus ``checkpoint-<epoch>.pth.tar`` (a copy of it) keeping the newest ``history`` of
+        them; older ones are removed only once the new one is safely on disk."""
         last = self.out_dir / "last.pth.tar"
         if not self.write:
             return
         atomic_save(state, last)
         if history <= 0:
             return
-        epoch_file = self.out_dir / f"checkpoint-{epoch}.pth.tar"
-        tmp = epoch_file.with_name(f".{epoch_file.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(last, tmp)
-        except OSError:
-            shutil.copyfile(last, tmp)
-        os.replace(tmp, epoch_file)
+        # an independent copy, not a hard link: damage to one name (an in-place write, a truncation, bit rot)
+        # must not reach the backup the other is
+        copy_file(last, self.out_dir / f"checkpoint-{epoch}.pth.tar")
         kept = sorted(self.out_dir.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
         for old in kept[:-history]:
             old.unlink(missing_ok=True)

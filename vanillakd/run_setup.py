@@ -3,6 +3,7 @@ speed switches, the data splits, timm's data config and the teacher."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
@@ -12,6 +13,7 @@ from timm.data import resolve_data_config
 from .checkpoint import load_file, recorded_arch
 from .config import RunConfig
 from .data.folder import SplitDataset, drop_bad_images, take_fraction
+from .data.prefetch import channel_stats
 from .data.sources import build_train_val_any, image_mode
 from .data.stream import seed_all
 from .distributed import DistInfo, check_sync_bn, init_distributed
@@ -66,10 +68,31 @@ def load_training_data(cfg: RunConfig) -> tuple[SplitDataset, SplitDataset, int]
 
 
 def data_config(cfg: RunConfig, model_name: str) -> dict:
-    """timm's data config of ``model_name`` (input size, crop, normalisation) with the flags' overrides."""
+    """timm's data config of ``model_name`` (input size, crop, normalisation) with the flags' overrides, fitted
+    to the channel count the flags ask for (``--in-chans`` / ``--input-size``)."""
     pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-    return resolve_data_config(dict(cfg.data.geometry()),
-                               pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else None)
+    resolved = resolve_data_config(dict(cfg.data.geometry()),
+                                   pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else None)
+    channels = cfg.data.input_size[0] if cfg.data.input_size else cfg.data.in_chans
+    return resolved if channels is None else _fit_channels(resolved, channels, model_name)
+
+
+def _fit_channels(data_cfg: dict, channels: int, model_name: str) -> dict:
+    """timm keeps the model's 3-channel input size and RGB mean / std when only the channel count changes
+    (``--in-chans 1``: input (3, H, W), and a 3-value fill colour for RandAugment on greyscale images, which
+    PIL refuses). Here the input size gets ``channels`` and the mean / std the values timm's loaders would
+    normalise with anyway (``prefetch.channel_stats``: the RGB values' average per channel), logged."""
+    out = dict(data_cfg, input_size=(channels, *tuple(data_cfg["input_size"])[1:]))
+    for key, flag in (("mean", "--mean"), ("std", "--std")):
+        values = tuple(out[key])
+        if len(values) == channels:
+            continue
+        out[key] = channel_stats(values, channels)
+        if len(values) > 1:  # a 1-value --mean / --std is repeated, as timm does: nothing to say
+            shown = ", ".join(f"{v:.4g}" for v in out[key])
+            log.info(f"{channels}-channel input: {key} ({shown}), the average of {model_name}'s {key} {values} "
+                     f"(timm's rule); {flag} sets it")
+    return out
 
 
 def log_left_out(train_split: SplitDataset) -> None:
@@ -98,7 +121,8 @@ def _saved_arch(path: str | None, trust: bool) -> str | None:
 
 
 def build_teacher(cfg: RunConfig, kd_losses: list[str], num_classes: int, device: torch.device,
-                  data_cfg: dict) -> tuple[FrozenTeacher | None, FeatureShapes | None]:
+                  data_cfg: dict, classes: Sequence[str] | None = None) -> tuple[FrozenTeacher | None,
+                                                                             FeatureShapes | None]:
     """The frozen teacher for the students distilling with ``kd_losses`` (None when there are none), with
     feature extraction when one of the methods needs features, and then the teacher's feature shapes."""
     if not kd_losses:
@@ -108,7 +132,7 @@ def build_teacher(cfg: RunConfig, kd_losses: list[str], num_classes: int, device
     try:
         teacher = create_teacher(t.name, num_classes, t.weights, t.resize, trust=cfg.checkpoint.trust_checkpoint,
                                  log=log.info, in_chans=int(data_cfg["input_size"][0]),
-                                 student_config=data_cfg if t.norm == "auto" else None)
+                                 student_config=data_cfg if t.norm == "auto" else None, classes=classes)
     except UserError as e:
         if not (t.weights and "does not fit" in str(e)):
             raise

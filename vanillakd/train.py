@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import fields
-from datetime import datetime
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,18 @@ from .banner import log_recipe
 from .checkpoint import load_file, plain, set_rng_state, training_flags
 from .config import RunConfig, StudentSetting
 from .data.folder import SplitDataset
-from .data.loader import build_eval_loader, build_train_loader, start_workers
+from .data.loader import build_eval_loader, build_train_loader, start_workers, workers_ignore_stop_signals
 from .distributed import DistInfo, replicas_in_sync, teardown
 from .engine import FitPlan, evaluate, evaluated_with, fit, hms
 from .errors import UserError
 from .export import export_checkpoint
 from .external_log import ExternalLoggers
 from .losses import get_kd_loss_entry
-from .outputs import add_log_file, make_output_dir, unique_dir, write_args
+from .outputs import add_log_file, write_args
+from .resume_check import check_resume, run_record
+from .run_folder import LOCK_NAME, RunLock, open_run_folder
 from .run_setup import RunEnv, build_teacher, data_config, load_training_data, log_left_out, start_run, val_identity
+from .stop import RunStopped, StopSignals, StopVote
 from .student import StudentContext, StudentRun
 from .teachers.cache import open_cache, stream_description, teacher_description
 from .teachers.live import FrozenTeacher
@@ -47,14 +49,17 @@ def run(cfg: RunConfig, loss_kind: str = "logits") -> list[dict]:
     cfg, env = start_run(cfg)
     logger = logging.getLogger("vanillakd")
     train_split, val_split, num_classes = load_training_data(cfg)
-    run_dir, new_folder = _shared_run_dir(cfg, env.info)
+    cfg, run_dir, lock, new_folder = _shared_run_dir(cfg, env.info)
     root_log = add_log_file(logger, run_dir / "log.txt") if env.info.primary else None
     students: list[StudentRun] = []
     finished = trained = False
+    signals = StopSignals()
     try:
         plan = _prepare(cfg, env, train_split, val_split, num_classes, run_dir, loss_kind, students)
+        # from here on SIGTERM / SIGINT stop the run where it can continue (Ctrl-C while it sets up aborts it)
+        plan.stop = StopVote(signals.install(), env.info.distributed)
         trained = True  # from here on the log holds training: it is kept whatever happens
-        fit(plan)
+        _fit_or_stop(plan)
         if plan.external is not None:
             plan.external.close()
         results = [_finish(st, cfg, env.info, time.perf_counter() - started) for st in students]
@@ -62,6 +67,7 @@ def run(cfg: RunConfig, loss_kind: str = "logits") -> list[dict]:
         finished = True
         return results
     finally:
+        signals.restore()
         for st in students:
             st.close()
         if root_log is not None:
@@ -69,49 +75,49 @@ def run(cfg: RunConfig, loss_kind: str = "logits") -> list[dict]:
             root_log.close()
         logger.setLevel(logging.INFO)
         if not finished and not trained and new_folder:
-            _remove_if_nothing_saved(run_dir)
+            _remove_if_nothing_saved(run_dir, lock)
+        if lock is not None:
+            lock.release()
 
 
-def _remove_if_nothing_saved(run_dir: Path) -> None:
+def _fit_or_stop(plan: FitPlan) -> None:
+    """``fit``; a stop on SIGTERM / SIGINT is logged (it says how to continue) and ends the run."""
+    try:
+        fit(plan)
+    except RunStopped as e:
+        if plan.info.primary:  # every rank stopped after the same step; one says so
+            log.warning(str(e))
+        if plan.external is not None:
+            plan.external.close()
+        teardown(plan.info)
+        raise
+    finally:
+        plan.stop.close()
+
+
+def _remove_if_nothing_saved(run_dir: Path, lock: RunLock | None) -> None:
     """A run that failed while setting up (before its first step) leaves no folder holding only its log and
     args files; only a folder this run created, and anything else in it keeps it."""
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    if all(p.name in ("log.txt", "args.yaml") for p in files):
+    if all(p.name in ("log.txt", "args.yaml", LOCK_NAME) for p in files):
+        if lock is not None:
+            lock.release()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_dir(cfg: RunConfig) -> Path:
-    root = Path(cfg.loop.output or "./output/train")
-    resume, experiment = cfg.checkpoint.resume, cfg.loop.experiment
-    if resume == "auto":
-        if not experiment:
-            raise UserError("--resume auto needs --experiment NAME to find the run to continue")
-        return root / experiment
-    if resume:
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(f"--resume {path} does not exist")
-        return path if path.is_dir() else path.parent
-    if experiment:
-        return root / experiment
-    methods = "+".join(dict.fromkeys(s.kd_loss for s in cfg.students))
-    name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), cfg.students[0].model, methods])
-    return unique_dir(root, name)
-
-
-def _shared_run_dir(cfg: RunConfig, info: DistInfo) -> tuple[Path, bool]:
-    """The run folder, chosen by rank 0 (its name may hold a timestamp) and made by rank 0 alone; and whether
-    this run created it (rank 0 only)."""
-    created = False
+def _shared_run_dir(cfg: RunConfig, info: DistInfo) -> tuple[RunConfig, Path, RunLock | None, bool]:
+    """The run folder, chosen, made and locked by rank 0 (its name may hold a timestamp) and told to the other
+    ranks; the config with ``--resume auto`` dropped when there is nothing to resume yet; the lock (rank 0);
+    and whether this run created the folder (rank 0)."""
+    lock, created, resumable, path = None, False, bool(cfg.checkpoint.resume), None
     if info.primary:
-        path = _run_dir(cfg)
-        created = not path.exists()
-        run_dir = [str(make_output_dir(path))]
-    else:
-        run_dir = [None]
+        path, lock, created, resumable = open_run_folder(cfg)
+    shared = [str(path) if path is not None else None, resumable]
     if info.distributed:
-        dist.broadcast_object_list(run_dir, src=0)
-    return Path(run_dir[0]), created
+        dist.broadcast_object_list(shared, src=0)
+    if cfg.checkpoint.resume and not shared[1]:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=""))
+    return cfg, Path(shared[0]), lock, created
 
 
 def _contrast_k(cfg: RunConfig) -> int | None:
@@ -132,14 +138,15 @@ def _prepare(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
     data_cfg = data_config(cfg, cfg.students[0].model)
     cached = bool(cfg.teacher.cache) and cfg.uses_teacher
     distillers = [] if cached else [s.kd_loss for s in cfg.students if s.uses_teacher]
-    teacher, teacher_shapes = build_teacher(cfg, distillers, num_classes, device, data_cfg)
+    teacher, teacher_shapes = build_teacher(cfg, distillers, num_classes, device, data_cfg, train_split.classes)
     train_loader, eval_loader, steps = _loaders(cfg, env, train_split, val_split, num_classes, data_cfg)
+    record = run_record(train_split.classes, train_split.identity(), info.world_size)
     ctx = StudentContext(device, env.precision, num_classes, -(-steps // cfg.optim.grad_accum_steps),
                          tuple(data_cfg["input_size"]), len(train_split.dataset), teacher_shapes, info, loss_kind)
     for i, s in enumerate(cfg.students):
         out_dir = run_dir if len(cfg.students) == 1 else run_dir / f"student{i}-{s.tag}"
         students.append(StudentRun(i, s, cfg, ctx, out_dir))
-        students[-1].meta = {"data_config": plain(data_cfg), "classes": list(train_split.classes)}
+        students[-1].meta = {"data_config": plain(data_cfg), **record}
     _say_ema_not_evaluated(students, device)
     if cached:
         teacher = _open_teacher_cache(cfg, env, data_cfg, train_split, steps, num_classes, students[0].num_epochs)
@@ -167,6 +174,8 @@ def _loaders(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
     log_left_out(train_split)
     eval_loader = build_eval_loader(val_split.dataset, data_cfg, cfg.data.eval_batch_size, cfg.data.workers,
                                     env.device, distributed=info.distributed, pin_memory=bool(cfg.speed.pin_mem))
+    for loader in (train_loader, eval_loader):
+        workers_ignore_stop_signals(loader)
     start_workers(eval_loader)
     steps = len(train_loader)
     if cfg.loop.max_train_steps is not None:
@@ -314,6 +323,7 @@ def _resume(cfg: RunConfig, students: list[StudentRun], streaming: bool = False)
             ckpt_path, ckpt = path, load_file(path, trust=c.trust_checkpoint)
         else:
             ckpt_path, ckpt = _newest_valid(st.out_dir, c.trust_checkpoint)
+        check_resume(ckpt, str(ckpt_path), cfg.flags, st.meta, say_allowed=st is students[0])
         if streaming:
             _check_resume_stream(ckpt, cfg.data.workers, ckpt_path)
         positions.append(st.resume(ckpt, str(ckpt_path), load_optimizer=not c.no_resume_opt))

@@ -249,8 +249,16 @@ def _num_classes(config: ValidateConfig, state: dict | None, data_classes: int) 
     return head
 
 
+def check_results_file(path: str) -> None:
+    """Refuse, before the evaluation, a ``--results-file`` that ``write_results`` could not write (its folder
+    missing or read-only, or the path a folder)."""
+    from .checkpoint import check_writable_file
+    check_writable_file(path, "--results-file")
+
+
 def write_results(result: dict, path: str, fmt: str | None = None) -> None:
-    """``result`` as a .json (the default) or one-row .csv file; ``fmt`` overrides the extension."""
+    """``result`` as a .json (the default) or one-row .csv file; ``fmt`` overrides the extension. A failed
+    write is one UserError naming the file (see ``checkpoint.atomic_write``)."""
     from .checkpoint import atomic_write_text
     fmt = fmt or ("csv" if path.endswith(".csv") else "json")
     if fmt == "json":

@@ -7,7 +7,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+from .checkpoint import atomic_write, writable_folder
 from .errors import UserError
 
 RELEASE = "https://github.com/Hao840/vanillaKD/releases/download/checkpoint"
@@ -58,37 +60,44 @@ def fetch(name: str, directory: str | os.PathLike | None = None, timeout: float 
     if os.environ.get("VANILLAKD_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"offline (HF_HUB_OFFLINE / VANILLAKD_OFFLINE is set): cannot fetch {m.url}; "
                         f"download it elsewhere and put it at {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(m.url, timeout=timeout) as response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=m.file)
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-            if total and f.tell() != total:
-                raise UserError(f"download of {m.url} stopped at {f.tell()} of {total} bytes")
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise UserError(f"cannot download {m.url} ({reason}); without a network, put the file at {dest}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        verify(m, tmp)
-    except UserError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
+    writable_folder(dest.parent, "zoo folder")  # before the download, not after it
+    # into a temp file beside dest (named as every temp of ours, so a killed download is recognisable), renamed
+    # into place only once it loads into its architecture
+    atomic_write(dest, lambda f: _download(m, f, dest, timeout, progress), check=lambda tmp: verify(m, tmp))
     return dest
+
+
+def _download(m: ZooModel, f: IO[bytes], dest: Path, timeout: float, progress: bool) -> None:
+    """``m``'s file into ``f``. A network failure is a UserError here; a failed write of ``f`` stays an OSError,
+    which ``atomic_write`` reports as the write it is (not as a download problem)."""
+    def failed(e: BaseException) -> UserError:
+        reason = getattr(e, "reason", e)
+        return UserError(f"cannot download {m.url} ({reason}); without a network, put the file at {dest}")
+
+    try:
+        response = urllib.request.urlopen(m.url, timeout=timeout)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        raise failed(e) from None
+    with response:
+        total = int(response.headers.get("Content-Length") or 0)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=m.file)
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                raise failed(e) from None
+            if not chunk:
+                break
+            f.write(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        if total and f.tell() != total:
+            raise UserError(f"download of {m.url} stopped at {f.tell()} of {total} bytes")
 
 
 def verify(m: ZooModel, path: Path) -> None:

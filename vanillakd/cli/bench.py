@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text, check_writable_file, writable_folder
 from ..tools import bench
 from ..tools.bench import STEP_KEYS
 from ..tools.bench_data import A2_FLAGS
-from .train_args import _Parser
+from .train_args import _Parser, count, pos_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,22 +19,22 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default="test_resnet")
     p.add_argument("--teacher", default="resnet10t")
-    p.add_argument("--img-size", type=int, default=None, help="default 32 (with --data: 224, as --data-img-size)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (with --data: as --data-batch-size)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--img-size", type=pos_int, default=None, help="default 32 (with --data: 224, as --data-img-size)")
+    p.add_argument("--batch-size", type=pos_int, default=None, help="default 64 (with --data: as --data-batch-size)")
+    p.add_argument("--num-classes", type=pos_int, default=10)
     p.add_argument("--kd-loss", default="kd")
     p.add_argument("--opt", default="lamb")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round counts")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=pos_int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=pos_int, default=3, help="interleaved rounds; the median round counts")
+    p.add_argument("--warmup", type=count, default=3)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for conv nets on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher in (a), (b), (c), (e)")
-    p.add_argument("--cache-topk", type=int, default=10, help="(e): top-k of the cache (0 = full logits)")
+    p.add_argument("--cache-topk", type=count, default=10, help="(e): top-k of the cache (0 = full logits)")
     p.add_argument("--only", nargs="+", choices=STEP_KEYS, default=None, help="measure only these")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--data", action="store_true",
                    help="measure the input pipelines instead (flags under --data mode below)")
@@ -45,13 +46,14 @@ def add_data_bench_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``bench --data`` (``tools.bench_data``)."""
     g = p.add_argument_group("--data mode")
     g.add_argument("--data-dir", default=None, help="a folder of class folders of images (default: synthetic JPEGs)")
-    g.add_argument("--num-images", type=int, default=None,
+    g.add_argument("--num-images", type=pos_int, default=None,
                    help="synthetic JPEGs to write (default 512); with --data-dir, how many of its images to use "
                         "(spread over its classes; default all)")
-    g.add_argument("--data-img-size", type=int, default=None, help="same as --img-size in --data mode (default 224)")
-    g.add_argument("--data-batch-size", type=int, default=None,
+    g.add_argument("--data-img-size", type=pos_int, default=None,
+                   help="same as --img-size in --data mode (default 224)")
+    g.add_argument("--data-batch-size", type=pos_int, default=None,
                    help="same as --batch-size in --data mode (default 64)")
-    g.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
+    g.add_argument("--data-workers", type=count, nargs="+", default=[0, 2], help="worker counts to measure")
     g.add_argument("--with-kd", action="store_true",
                    help="also time the loader feeding the KD step of --student <- --teacher (--compile, --amp ...)")
     g.add_argument("--pipelines", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
@@ -84,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     resolve_sizes(parser, a)
     command = "vanillakd bench " + " ".join(argv)
+    if a.json:  # its folder made and checked before the benchmark, which takes minutes
+        writable_folder(Path(a.json).parent, "--json folder")
+        check_writable_file(a.json, "--json")
     from .run_config import parse_run_config
     if a.data:
         from ..tools.bench_data import data_bench, print_data_table
@@ -93,6 +98,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = bench.in_temp_dir(bench.step_bench, a, command, parse_run_config)
         bench.print_step_table(res)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write_text(json.dumps(res, indent=2) + "\n", a.json)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .train_args import build_train_parser, parse_train_args
+from .train_args import build_train_parser, count, parse_train_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--teacher-cache DIR. Logit methods only (feature methods need the teacher's features every step).")
     g = parser.add_argument_group("Cache")
     g.add_argument("--cache-dir", required=True, metavar="DIR", help="folder of the cache (created, or continued)")
-    g.add_argument("--cache-topk", type=int, default=10,
+    g.add_argument("--cache-topk", type=count, default=10,
                    help="classes kept per sample (log-probabilities in --cache-dtype); 0 = full logits")
     g.add_argument("--cache-dtype", default="auto", choices=["auto", "float16", "float32"],
                    help="auto: float16 for top-k, float32 for full logits")

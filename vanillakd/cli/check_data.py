@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .train_args import _Parser
+from .train_args import _Parser, count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="vanillakd check-data", description=__doc__)
     p.add_argument("data_dir", metavar="DIR", help="an ImageFolder root (its splits are scanned) or one split")
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=count, default=4)
     args = p.parse_args(argv)
     from timm.data.readers.reader_image_folder import find_images_and_targets
 

@@ -5,9 +5,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..errors import UserError
 from ..tools import compare as tool
 from ..tools.compare import GRID_KEYS
-from .train_args import _Parser
+from .config_file import config_values, load_yaml_mapping
+from .train_args import _Parser, fraction, pos_int, seed_int
 
 RECIPE_HINT = ("train-kd's flags (the shared recipe) go after --, e.g. vanillakd compare DIR --model M --teacher T "
                "--teacher-pretrained FILE -- --epochs 3 --lr 1e-3")
@@ -23,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, choices=methods, metavar="METHOD",
                    help=f"any of {', '.join(methods)} ('none' is the student without KD; feature methods train "
                         "with train-fd / train-crd); default: none kd dkd dist")
-    p.add_argument("--fractions", nargs="+", type=float, default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--fractions", nargs="+", type=fraction, default=None)
+    p.add_argument("--seeds", nargs="+", type=seed_int, default=None)
     p.add_argument("--teacher", default=None)
     p.add_argument("--teacher-pretrained", default=None, help="teacher weights; or --train-teacher-epochs")
-    p.add_argument("--train-teacher-epochs", type=int, default=None,
+    p.add_argument("--train-teacher-epochs", type=pos_int, default=None,
                    help="train the teacher here first (with the shared recipe; reused when present)")
-    p.add_argument("--train-teacher-fraction", type=float, default=None)
+    p.add_argument("--train-teacher-fraction", type=fraction, default=None)
     p.add_argument("--output", default=None, help="the comparison's folder")
     g = p.add_argument_group("Dataset (train-kd's flags, for every run)")
     g.add_argument("-d", "--dataset", default=None, help="folder (default), torch/NAME, hfds/NAME or wds/NAME")
@@ -52,7 +54,27 @@ def parse_argv(argv: Sequence[str]) -> tuple[dict, list[str]]:
     flags, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}; {RECIPE_HINT}")
-    return vars(flags), recipe
+    given = {k: v for k, v in vars(flags).items() if v is not None}
+    return ({**grid_values(parser, flags.config), **given} if flags.config else vars(flags)), recipe
+
+
+def grid_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The grid file's values of compare's own flags, read safely and parsed as those flags on the command line
+    (the tool reads the file again for its other keys and reports unknown ones). ``methods`` and ``recipe`` are
+    only shape-checked here: the tool names the methods it cannot run, and train-kd parses the recipe."""
+    what = f"--config {path}"
+    cfg = load_yaml_mapping(path, what)
+    own = {a.dest for a in parser._actions} - {"help", "config", "methods"}
+    values = config_values(parser, {k: v for k, v in cfg.items() if k.replace("-", "_") in own}, what)
+    methods, recipe = cfg.get("methods"), cfg.get("recipe")
+    if isinstance(methods, str):
+        methods = [methods]
+    if methods is not None and not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
+        raise UserError(f"{what}: methods must be a list of method names, got {methods!r}")
+    if recipe is not None and not (isinstance(recipe, list) and all(
+            isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in recipe)):
+        raise UserError(f"{what}: recipe must be a list of train-kd arguments (text or numbers), got {recipe!r}")
+    return {**values, **({"methods": methods} if methods is not None else {})}
 
 
 def load_grid(argv: Sequence[str]) -> tuple[dict, list[str]]:

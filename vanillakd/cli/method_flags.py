@@ -25,7 +25,18 @@ def _argparse_type(flag) -> Callable[[str], Any]:
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"{e}, got {text}") from None
     convert.__name__ = flag.type.__name__
+    convert.rule = _rule(flag)  # shown in --help, as train_args.number's
     return convert
+
+
+def _rule(flag) -> str:
+    """The flag's check as --help shows it: "> 0", "in [0, 1]", ... ("" for none)."""
+    low, high = flag.minimum, flag.maximum
+    if low is not None and high is not None and not flag.positive:
+        return f"in [{low:g}, {high:g}]"
+    bounds = ["> 0" if flag.positive else "", f">= {low:g}" if low is not None else "",
+              f"<= {high:g}" if high is not None else ""]
+    return " and ".join(b for b in bounds if b)
 
 
 def _add(group, flag) -> argparse.Action:

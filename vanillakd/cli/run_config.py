@@ -7,6 +7,8 @@ from dataclasses import fields
 from types import MappingProxyType
 from typing import Any
 
+from PIL import Image
+
 from ..config import (
     NO_KD,
     AugConfig,
@@ -23,7 +25,7 @@ from ..config import (
     StudentSetting,
     TeacherConfig,
 )
-from ..data.sources import dataset_kind
+from ..data.sources import dataset_kind, image_mode
 from ..errors import UserError
 from ..losses import get_kd_loss_entry
 from ..models import check_model_name
@@ -67,11 +69,59 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         method_args=MappingProxyType(method_args_from(args)), flags=MappingProxyType(dict(vars(args))), cache=cache)
 
 
+def _ordered(flag: str, pair: Sequence[float] | None, strict: bool = False) -> None:
+    if pair and (pair[0] >= pair[1] if strict else pair[0] > pair[1]):
+        rule = "<" if strict else "<="
+        raise UserError(f"{flag} {pair[0]:g} {pair[1]:g}: the first value must be {rule} the second")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Ranges given as several values: ordered, and of the right count."""
+    _ordered("--scale", cfg.aug.scale)
+    _ordered("--ratio", cfg.aug.ratio)
+    _ordered("--cutmix-minmax", cfg.aug.cutmix_minmax, strict=True)  # timm draws the box side in [min, max)
+    noise = cfg.schedule.lr_noise
+    if noise is not None and len(noise) > 2:
+        raise UserError(f"--lr-noise takes 1 value (noise from that fraction of the epochs on) or 2 (between "
+                        f"them), got {len(noise)}")
+    if noise is not None and len(noise) == 2:
+        _ordered("--lr-noise", noise)
+    milestones = cfg.schedule.decay_milestones
+    if list(milestones) != sorted(milestones):
+        raise UserError(f"--decay-milestones must be ascending, got {' '.join(map(str, milestones))}")
+    if cfg.schedule.sched == "plateau" and cfg.schedule.decay_rate >= 1:
+        raise UserError(f"--sched plateau needs --decay-rate < 1 (the factor that lowers the lr), got "
+                        f"{cfg.schedule.decay_rate:g}")
+
+
+def input_channels(d: DataConfig) -> int | None:
+    """The channel count the flags ask for (``--input-size`` wins over ``--in-chans``, as in timm), or None."""
+    return d.input_size[0] if d.input_size else d.in_chans
+
+
+def _check_channels(d: DataConfig) -> None:
+    """--mean / --std: 1 value or one per input channel; the image mode must give that many channels."""
+    channels = input_channels(d)
+    where = ("--input-size " + " ".join(map(str, d.input_size)) if d.input_size else f"--in-chans {d.in_chans}") \
+        if channels is not None else "--in-chans / --input-size not given"
+    count = channels or 3
+    for flag, values in (("--mean", d.mean), ("--std", d.std)):
+        if values is not None and len(values) not in (1, count):
+            raise UserError(f"{flag} has {len(values)} values but the input has {count} channel(s) ({where}): "
+                            f"give {'1 value' if count == 1 else f'1 value or {count}'}")
+    mode = image_mode(d.input_img_mode, d.in_chans, d.input_size)
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        raise UserError(f"--input-img-mode {mode}: not a PIL image mode (e.g. RGB, L, RGBA)") from None
+    if bands != count:
+        raise UserError(f"--input-img-mode {mode} gives {bands} channel(s) but the input has {count} ({where}): "
+                        "give --input-img-mode with as many bands (L: 1, RGB: 3, RGBA: 4)")
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """What argparse cannot check alone: names that must exist, and flags that must agree with each other."""
     dataset_kind(cfg.data.dataset)
-    if cfg.data.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {cfg.data.workers}")
     for s in cfg.students:
         check_model_name(s.model, "model")
         if s.kd_loss != NO_KD:
@@ -84,6 +134,8 @@ def check_run_config(cfg: RunConfig) -> None:
     start = cfg.schedule.start_epoch
     if not cfg.checkpoint.resume and start and start >= total:
         raise UserError(f"--start-epoch {start} leaves nothing to train: the run has {total} epochs")
+    _check_ranges(cfg)
+    _check_channels(cfg.data)
 
 
 def parse_run_config(argv: Sequence[str] | None, prog: str = "train-kd.py", default_loss: str = "kd",

@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from ..errors import run_cli
-from ..validation import ValidateConfig, validate, write_results
-from .train_args import _Parser, add_dataset_flags, pos_float, pos_int
+from ..validation import ValidateConfig, check_results_file, validate, write_results
+from .train_args import INTERPOLATIONS, _Parser, add_dataset_flags, count, finite, fraction, pos_float, pos_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=pos_int, default=None)
     p.add_argument("--in-chans", type=pos_int, default=None)
     p.add_argument("--input-size", default=None, nargs=3, type=pos_int, metavar="N")
-    p.add_argument("--crop-pct", type=pos_float, default=None)
-    p.add_argument("--crop-mode", default=None)
-    p.add_argument("--mean", type=float, nargs="+", default=None)
-    p.add_argument("--std", type=float, nargs="+", default=None)
-    p.add_argument("--interpolation", default="")
+    p.add_argument("--crop-pct", type=fraction, default=None)
+    p.add_argument("--crop-mode", default=None, choices=["center", "squash", "border"])
+    p.add_argument("--mean", type=finite, nargs="+", default=None)
+    p.add_argument("--std", type=pos_float, nargs="+", default=None)
+    p.add_argument("--interpolation", default="", choices=[""] + INTERPOLATIONS)
     p.add_argument("-b", "--batch-size", type=pos_int, default=256)
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=count, default=4)
     p.add_argument("--amp", action="store_true")
     p.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"])
     p.add_argument("--channels-last", action="store_true")
@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..outputs import setup_console_logging
     log = setup_console_logging()
+    if args.results_file:
+        check_results_file(args.results_file)  # before the evaluation, which may take a while
     result = validate(config_from_args(args))
     agreement = f" agreement {result['agreement']:.2f}" if "agreement" in result else ""
     log.info(f"* top1 {result['top1']:.3f} ({result['top1_err']:.3f} err) top5 {result['top5']:.3f} "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .train_args import _Parser
+from .train_args import _Parser, pos_float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -13,7 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f = sub.add_parser("fetch", help="download one (atomic, checked by loading it)")
     f.add_argument("name")
     f.add_argument("--dir", default=None, help="where to put it (default ~/.cache/vanillakd/zoo)")
-    f.add_argument("--timeout", type=float, default=8.0, help="network timeout in seconds")
+    f.add_argument("--timeout", type=pos_float, default=8.0, help="network timeout in seconds")
     args = p.parse_args(argv)
     from .. import zoo
     if args.action == "fetch":

@@ -4,8 +4,8 @@ million files take minutes, spread over worker processes."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from multiprocessing import get_context
-from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -20,6 +20,8 @@ def image_problem(path: str) -> str | None:
             im.size  # noqa: B018 - header parsed
     except UnidentifiedImageError:
         return "not an image"
+    except Image.DecompressionBombError as e:  # PIL's size limit: decoding it would take gigabytes
+        return f"too large ({e})"
     except (OSError, ValueError, SyntaxError) as e:
         return f"unreadable ({e})"
     try:

@@ -10,11 +10,16 @@ and the batch mixup from (seed, rank, epoch, first position), so the stream is r
 pipeline's is (mid-epoch resume, teacher cache), whatever the worker count. The distribution is timm's
 (device_augment.py reproduces its transforms); the pixels are not bit-identical to PIL's.
 
-Files that are not 3-component JPEGs (PNG, grayscale or CMYK JPEG, ...) are decoded by PIL in the worker
-and travel as uint8 pixels; a batch the device decoder rejects is decoded image by image on the CPU.
+Files that are not 3-component JPEGs (PNG, grayscale or CMYK JPEG, ...), or that lack the end-of-image marker,
+are decoded by PIL in the worker and travel as uint8 pixels; a batch the device decoder rejects is decoded image
+by image on the CPU, and a JPEG torchvision rejects there is decoded by PIL. So PIL has the last word on every
+file, as in the CPU pipeline: a file it cannot decode either is skipped with the same warning, the next file in
+the list taking its place with the sample's own draws (folder.skip_unreadable), in the worker or, for a JPEG
+found bad on the device, in the main process.
 """
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from dataclasses import dataclass, fields
@@ -25,6 +30,7 @@ import torch
 from ..config import AugConfig
 from ..errors import UserError
 from . import device_augment as aug
+from .folder import UNREADABLE, open_image, skip_unreadable, warn_skipped
 from .prefetch import ExtrasPrefetchLoader
 from .stream import BATCH_KEY, mix_seed, seeded
 
@@ -99,9 +105,14 @@ class DeviceAugmentConfig:
 class DeviceStreamDataset(torch.utils.data.Dataset):
     """Worker side: ``(payload, target, params, key)`` per stream key ``(epoch, position, index)``.
 
-    ``payload`` is ``('jpeg', bytes tensor)`` for files the device decodes, else ``('pixels', uint8 CHW)``."""
+    ``payload`` is ``('jpeg', bytes tensor, index)`` for files the device decodes, else ``('pixels', uint8 CHW,
+    index)``; ``index``: the sample read, ``index`` or the one that took the place of an unreadable file."""
 
     def __init__(self, dataset, config: DeviceAugmentConfig, seed: int, rank: int = 0):
+        mode = getattr(dataset, "input_img_mode", "") or "RGB"
+        if mode != "RGB":  # the CPU pipeline would hand the model mode-converted images: another channel count
+            raise UserError(f"--data-pipeline gpu decodes images to RGB, and the model's input takes image mode "
+                            f"{mode} (--in-chans / --input-size / --input-img-mode); use --data-pipeline cpu")
         self.config, self.seed, self.rank = config, seed, rank
         self.samples = dataset.reader.samples
 
@@ -110,31 +121,70 @@ class DeviceStreamDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, position, index = key
-        path, target = self.samples[index]
-        with open(path, "rb") as f:
-            data = f.read()
-        header = jpeg_header(data)
-        if header is not None and header[0] in _DEVICE_SOF and header[3] == 3:
-            payload = ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            h, w = header[1], header[2]
-        else:
-            pixels = _decode_with_pil(data, path)
-            payload = ("pixels", pixels)
-            h, w = pixels.shape[1:]
+        (payload, (h, w)), target, index = skip_unreadable(self.samples, index, read_payload)
+        return (*payload, index), int(target), self.params(epoch, position, h, w), (epoch, position)
+
+    def params(self, epoch: int, position: int, h: int, w: int) -> SampleParams:
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, position))
-        return payload, int(target), sample_params(self.config, h, w, gen), (epoch, position)
+        return sample_params(self.config, h, w, gen)
+
+    def replacement(self, epoch: int, position: int, index: int, error: BaseException,
+                    device: torch.device) -> tuple[torch.Tensor, int, SampleParams]:
+        """(image on ``device``, target, params) of the sample that takes the place of file ``index`` when the
+        device cannot decode it (``error``: PIL's): the next decodable file, drawn as the CPU pipeline draws it."""
+        nxt = (index + 1) % len(self.samples)
+        warn_skipped(self.samples[index][0], error, self.samples[nxt][0])
+        image, target, _ = skip_unreadable(self.samples, nxt, lambda path: _decode_file(path, device), skipped=1)
+        return image, int(target), self.params(epoch, position, *image.shape[1:])
 
 
-def _decode_with_pil(data: bytes, path: str) -> torch.Tensor:
-    import io
+def read_payload(path: str) -> tuple[tuple[str, torch.Tensor], tuple[int, int]]:
+    """``(payload, (height, width))`` of a file: its bytes when the device can decode it, else PIL's pixels.
 
+    Raises what PIL raises for a file it cannot decode (folder.UNREADABLE)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = jpeg_header(data)
+    # without its end-of-image marker a JPEG is truncated: PIL decides, as for the CPU pipeline, whatever a
+    # device decoder would make of it
+    if header is not None and header[0] in _DEVICE_SOF and header[3] == 3 and _has_end_marker(data):
+        h, w = header[1], header[2]
+        _check_size(h, w)
+        return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), (h, w)
+    pixels = _pil_pixels(io.BytesIO(data))
+    return ("pixels", pixels), tuple(pixels.shape[1:])
+
+
+def _has_end_marker(data: bytes) -> bool:
+    return b"\xff\xd9" in data[-64:].rstrip(b"\x00")  # as check.py's scan: padding may follow the marker
+
+
+def _check_size(h: int, w: int) -> None:
+    """PIL's decompression-bomb rule for a JPEG it does not open here: a warning over Image.MAX_IMAGE_PIXELS,
+    an error over twice that (the CPU pipeline's PIL refuses such a file)."""
     from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except Exception as e:  # a file the scan let through (--bad-images off) that PIL cannot read either
-        raise UserError(f"cannot decode {path}: {e}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit or h * w <= limit:
+        return
+    text = f"Image size ({h * w} pixels) exceeds limit of {{}} pixels, could be decompression bomb DOS attack."
+    if h * w > 2 * limit:
+        raise Image.DecompressionBombError(text.format(2 * limit))
+    warnings.warn(text.format(limit), Image.DecompressionBombWarning, stacklevel=3)
+
+
+def _pil_pixels(source) -> torch.Tensor:
+    """uint8 RGB CHW pixels of a file (path or binary file) as the CPU pipeline decodes it (convert('RGB'))."""
+    arr = np.asarray(open_image(source, "RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_file(path: str, device: torch.device) -> torch.Tensor:
+    """One file decoded on ``device`` in the main process, as a batch would decode it."""
+    payload, _ = read_payload(path)
+    images, failed = decode_batch([(*payload, -1)], device)
+    if failed:
+        raise failed[0]
+    return images[0]
 
 
 @dataclass
@@ -178,30 +228,64 @@ def device_collate(batch: list) -> tuple:
     key = torch.tensor(batch[0][3])
     return payloads, targets, {"crops": [p.crop for p in params], "interp": [p.interpolation for p in params],
                                "ra": _cat_params([p.rand_augment for p in params]),
-                               "cj": _cat_params([p.color_jitter for p in params])}, {BATCH_KEY: key}
+                               "cj": _cat_params([p.color_jitter for p in params]),
+                               "positions": [b[3][1] for b in batch]}, {BATCH_KEY: key}
 
 
-def decode_batch(payloads: list, device: torch.device) -> list[torch.Tensor]:
-    """uint8 CHW images on ``device``: JPEGs decoded in one batched call (nvjpeg on CUDA), pixels moved."""
+def _set_params(params: dict, i: int, one: SampleParams) -> None:
+    """Put one sample's draws at row ``i`` of a collated batch's parameters."""
+    params["crops"][i], params["interp"][i] = one.crop, one.interpolation
+    for name, single in (("ra", one.rand_augment), ("cj", one.color_jitter)):
+        if single is None:
+            continue
+        for f in fields(single):
+            rows = getattr(params[name], f.name)
+            if rows is not None:
+                rows[i] = getattr(single, f.name)[0]
+
+
+def _decode_jpegs(data, device: torch.device):
     from torchvision.io import ImageReadMode, decode_jpeg
+    # torchvision 0.29 flags its image decoders as deprecated in favour of TorchCodec; they remain the batched
+    # nvjpeg path we need, so the notice is silenced for these calls only
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_alone(data: torch.Tensor) -> torch.Tensor:
+    """One JPEG on the CPU: torchvision, else PIL, whose verdict the CPU pipeline follows (it decodes some
+    damaged scans torchvision rejects); raises PIL's error when PIL cannot decode it either."""
+    try:
+        return _decode_jpegs(data.cpu(), torch.device("cpu"))
+    except RuntimeError:
+        return _pil_pixels(io.BytesIO(data.cpu().numpy().tobytes()))
+
+
+def decode_batch(payloads: list, device: torch.device) -> tuple[list[torch.Tensor | None], dict[int, Exception]]:
+    """uint8 CHW images on ``device``: JPEGs decoded in one batched call (nvjpeg on CUDA), pixels moved; and
+    PIL's error for each payload that no decoder can read (its image is None)."""
     out: list[torch.Tensor | None] = [None] * len(payloads)
-    jpeg_idx = [i for i, (kind, _) in enumerate(payloads) if kind == "jpeg"]
+    failed: dict[int, Exception] = {}
+    jpeg_idx = [i for i, p in enumerate(payloads) if p[0] == "jpeg"]
     if jpeg_idx:
         data = [payloads[i][1] for i in jpeg_idx]
-        # torchvision 0.29 flags its image decoders as deprecated in favour of TorchCodec; they remain the
-        # batched nvjpeg path we need, so the notice is silenced for these calls only
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-            try:
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:  # e.g. a JPEG variant the device decoder rejects: the CPU decodes this batch
-                decoded = [decode_jpeg(d.cpu(), mode=ImageReadMode.RGB).to(device) for d in data]
+        try:
+            decoded = _decode_jpegs(data, device)
+        except RuntimeError:  # a JPEG variant the device decoder rejects, or a damaged file: one by one on the CPU
+            decoded = []
+            for i, d in zip(jpeg_idx, data):
+                try:
+                    decoded.append(_decode_alone(d).to(device))
+                except UNREADABLE as e:
+                    failed[i] = e
+                    decoded.append(None)
         for i, img in zip(jpeg_idx, decoded):
             out[i] = img
-    for i, (kind, value) in enumerate(payloads):
-        if kind == "pixels":
-            out[i] = value.to(device, non_blocking=True)
-    return out
+    for i, p in enumerate(payloads):
+        if p[0] == "pixels":
+            out[i] = p[1].to(device, non_blocking=True)
+    return out, failed
 
 
 class DeviceAugmentLoader(ExtrasPrefetchLoader):
@@ -216,7 +300,12 @@ class DeviceAugmentLoader(ExtrasPrefetchLoader):
     def _to_device(self, batch):
         payloads, targets, params, extras = batch
         key = extras.pop(BATCH_KEY, None)
-        images = decode_batch(payloads, self.device)
+        images, failed = decode_batch(payloads, self.device)
+        for i, error in failed.items():  # files only the decoding shows bad: replaced as the CPU pipeline does
+            image, target, one = self.loader.dataset.replacement(int(key[0]), params["positions"][i],
+                                                                 payloads[i][2], error, self.device)
+            images[i], targets[i] = image, target
+            _set_params(params, i, one)
         x = aug.crop_resize(images, params["crops"], self.config.size, params["interp"])
         if params["ra"] is not None:
             x = aug.apply_rand_augment(x, self.config.rand_augment, params["ra"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..checkpoint import os_reason
 from ..errors import UserError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -88,8 +89,8 @@ def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike 
     src = find_source(source)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         if src is None:
             if not download:
                 raise UserError("Fashion-MNIST idx files not found; install Debian's dataset-fashion-mnist")
@@ -107,6 +108,10 @@ def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike 
         if out.exists():
             out.rmdir()
         tmp.rename(out)
+    except OSError as e:  # a full disk, a read-only folder: one line, and no half-written folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write Fashion-MNIST to {out}: {os_reason(e, tmp if tmp.is_dir() else tmp.parent)}"
+                        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

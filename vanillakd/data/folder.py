@@ -2,21 +2,36 @@
 
 timm silently drops class folders without images and builds its class list from the files it finds, so a
 missing class would shift every label after it; we compare against the folder listing instead.
+
+A file that cannot be decoded when read (the start-up scan reads headers only, or was off) is skipped as timm's
+dataset skips it: the next file in the list takes its place, so a batch keeps its size and the stream stays
+replayable. Both data pipelines go through ``skip_unreadable``, so they skip the same files with the same
+warning naming each.
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from timm.data import create_dataset
+from PIL import Image, UnidentifiedImageError
+from timm.data import ImageDataset
 from timm.data.readers.class_map import load_class_map
 
 from ..errors import UserError
 from .check import scan_images
 
 VAL_SPLIT_NAMES = ("val", "validation", "eval", "evaluation", "test")
+# what PIL raises for a file it cannot decode: OSError for truncated, damaged and unidentified files, the others
+# from format plugins on damaged headers; and its refusal of images over twice Image.MAX_IMAGE_PIXELS
+UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+MAX_SKIPS = 10  # timm's default: so many unreadable files in a row mean damaged data, not a stray bad file
+_log = logging.getLogger("vanillakd")
 
 
 def find_split(root: Path, split: str) -> Path:
@@ -149,6 +164,61 @@ def drop_bad_images(split: SplitDataset, policy: str = "fail", workers: int = 0,
         log(f"skipped {len(bad)} bad image file(s) in {split.root} (--bad-images skip)")
 
 
+def unreadable_reason(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text is the file object's repr
+        return "not an image"
+    return str(e) or type(e).__name__
+
+
+def skip_unreadable(samples: Sequence[tuple[str, int]], index: int, load: Callable[[str], object],
+                    skipped: int = 0) -> tuple[object, int, int]:
+    """``(load(path), target, index)`` of sample ``index`` or, when ``load`` cannot decode its file, of the next
+    sample in the list whose file it can (timm's rule), with a warning naming each file skipped. ``skipped``:
+    files skipped already for this sample."""
+    while True:
+        path, target = samples[index]
+        try:
+            return load(path), target, index
+        except UNREADABLE as e:
+            index = (index + 1) % len(samples)
+            skipped += 1
+            if skipped >= MAX_SKIPS:
+                raise UserError(f"{skipped} image files in a row cannot be decoded, the last {path} "
+                                f"({unreadable_reason(e)}): run vanillakd check-data on the data") from None
+            warn_skipped(path, e, samples[index][0])
+
+
+def warn_skipped(path: str, error: BaseException, replacement: str) -> None:
+    _log.warning(f"skipped image {path}: {unreadable_reason(error)}; {replacement} is used in its place "
+                "(vanillakd check-data lists every bad file)")
+
+
+def open_image(source: str | BinaryIO, mode: str = "RGB") -> Image.Image:
+    """The file (a path or a binary file) decoded as timm's dataset decodes it, converted to ``mode`` ('' keeps
+    the file's own)."""
+    with open(source, "rb") if isinstance(source, (str, os.PathLike)) else nullcontext(source) as f:
+        img = Image.open(f)
+        img = img.convert(mode) if mode else img
+        img.load()  # decode here, where errors are caught, not later in the transform
+    return img
+
+
+class FolderImages(ImageDataset):
+    """timm's ImageDataset over a class folder, its unreadable files skipped through ``skip_unreadable``: timm's
+    own skip names no damaged file and lets PIL's size-limit error end the run with a traceback."""
+
+    def __getitem__(self, index: int):
+        img, target, _ = skip_unreadable(self.reader.samples, index, self._open)
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def _open(self, path: str) -> Image.Image:
+        return open_image(path, self.input_img_mode)
+
+
 def read_class_map(path: str) -> dict:
     """timm's class map file, whose indices must be 0..N-1, each once: a name listed twice in a text map
     would leave an index without a class and put another past the head."""
@@ -177,9 +247,8 @@ def build_split(split_dir: Path, is_training: bool, class_map: str = "", input_i
     if not folders:
         raise UserError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image files>)")
     cmap = _load_class_map(class_map, split_dir, folders) if class_map else ""
-    try:
-        ds = create_dataset("", root=str(split_dir), search_split=False, is_training=is_training, class_map=cmap,
-                            input_img_mode=input_img_mode or "RGB")
+    try:  # what timm's create_dataset builds for a folder, with our handling of unreadable files
+        ds = FolderImages(str(split_dir), class_map=cmap, input_img_mode=input_img_mode or "RGB")
     except RuntimeError as e:
         if "Found 0 images" not in str(e):
             raise

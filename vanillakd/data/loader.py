@@ -6,6 +6,8 @@ which timm's loader refuses.
 """
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -162,3 +164,28 @@ def start_workers(loader: Any) -> None:
     inner = getattr(loader, "loader", loader)  # timm's PrefetchLoader wraps the DataLoader
     if isinstance(inner, DataLoader) and inner.num_workers > 0 and inner.persistent_workers:
         iter(inner)
+
+
+class _WorkerIgnoresStopSignals:
+    """A worker_init_fn that makes a DataLoader worker ignore SIGTERM and SIGINT, then runs the loader's own.
+
+    Ctrl-C reaches every process of the terminal's group and a batch system's SIGTERM every process of the job:
+    a worker that died on it would take the run down before the main process could save where it was (the
+    main process stops on them itself, and ends its workers as usual)."""
+
+    def __init__(self, inner: Callable[[int], None] | None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def workers_ignore_stop_signals(loader: Any) -> None:
+    """Make the workers of ``loader`` (a DataLoader, or a prefetching wrapper of one) ignore SIGTERM / SIGINT;
+    call it before the workers start."""
+    inner = getattr(loader, "loader", loader)
+    if isinstance(inner, DataLoader) and not isinstance(inner.worker_init_fn, _WorkerIgnoresStopSignals):
+        inner.worker_init_fn = _WorkerIgnoresStopSignals(inner.worker_init_fn)

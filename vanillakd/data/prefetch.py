@@ -8,9 +8,9 @@ The class is ours, not a subclass of timm's: what timm's PrefetchLoader sets on 
 is set here. From timm we use only its public RandomErasing."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from functools import partial
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

@@ -10,7 +10,7 @@ worker start-up) would otherwise dominate.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

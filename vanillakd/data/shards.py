@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

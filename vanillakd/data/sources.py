@@ -145,6 +145,7 @@ def _torch_split(name: str, root: str, split: str, download: bool, class_map: st
 
 def _hfds_split(name: str, root: str, split: str, class_map: str, mode: str) -> SplitDataset:
     from timm.data import ImageDataset
+
     from .hf_disk import ReaderHfDisk, is_saved_dataset, load_saved_split
     try:
         import datasets

@@ -37,7 +37,8 @@ def nce_loss(x: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
     FEAT_DIM,
     MethodFlag("--nce-k", "k", int, 16384, help="CRD: contrast samples per image", positive=True),
     MethodFlag("--nce-t", "temperature", float, 0.07, help="CRD: temperature", positive=True),
-    MethodFlag("--nce-mom", "momentum", float, 0.5, help="CRD: memory momentum"),
+    MethodFlag("--nce-mom", "momentum", float, 0.5, help="CRD: memory momentum", minimum=0.0,
+               maximum=1.0),
 ))
 class CRD(FeatureKDLoss):
     def __init__(self, feat_s_channel: int, feat_t_channel: int, feat_dim: int = 128, num_data: int = 0,

@@ -19,8 +19,8 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.T
 
 @register_kd_loss("dist", needs={"logits"}, flags=(
     TEMPERATURE.feeding("tau"),
-    MethodFlag("--dist-beta", "beta", float, 1.0),
-    MethodFlag("--dist-gamma", "gamma", float, 1.0),
+    MethodFlag("--dist-beta", "beta", float, 1.0, minimum=0.0),
+    MethodFlag("--dist-gamma", "gamma", float, 1.0, minimum=0.0),
 ))
 class DIST(nn.Module):
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0):

@@ -51,6 +51,7 @@ method's kind as ``entry.kind``).
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -75,8 +76,8 @@ class MethodFlag:
     the constructor keyword ``keyword``.
 
     ``type``: int, float or str; ``bool`` makes a store_true switch (default False, no check). ``positive``: the
-    value must be > 0; ``minimum`` / ``maximum``: inclusive bounds. ``help``: may be left empty by all but one
-    of the methods sharing a flag.
+    value must be > 0; ``minimum`` / ``maximum``: inclusive bounds; a float value must be finite. ``help``: may
+    be left empty by all but one of the methods sharing a flag.
     """
     option: str
     keyword: str
@@ -115,13 +116,19 @@ class MethodFlag:
         return self.type is bool
 
     def check(self, value: Any) -> Any:
-        """``value`` if it passes the flag's check, else ``ValueError("must be > 0")`` (and the like)."""
+        """``value`` if it passes the flag's check, else ``ValueError("must be > 0")`` (and the like). A float
+        must be finite too: a nan or inf weight or temperature only makes the loss non-finite."""
+        if self.type is float and not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if self.positive and not value > 0:
             raise ValueError("must be > 0")
-        if self.minimum is not None and not value >= self.minimum:
-            raise ValueError(f"must be >= {self.minimum:g}")
-        if self.maximum is not None and not value <= self.maximum:
-            raise ValueError(f"must be <= {self.maximum:g}")
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"must be in [{low:g}, {high:g}]")
+        if low is not None and not value >= low:
+            raise ValueError(f"must be >= {low:g}")
+        if high is not None and not value <= high:
+            raise ValueError(f"must be <= {high:g}")
         return value
 
     def parse(self, text: str) -> Any:

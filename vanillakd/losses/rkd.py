@@ -22,8 +22,8 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
 
 
 @register_kd_loss("rkd", needs={"features"}, flags=(
-    MethodFlag("--rkd-distance-weight", "distance_weight", float, 25.0),
-    MethodFlag("--rkd-angle-weight", "angle_weight", float, 50.0),
+    MethodFlag("--rkd-distance-weight", "distance_weight", float, 25.0, minimum=0.0),
+    MethodFlag("--rkd-angle-weight", "angle_weight", float, 50.0, minimum=0.0),
 ))
 class RKD(FeatureKDLoss):
     def __init__(self, distance_weight: float = 25, angle_weight: float = 50, eps: float = 1e-12,

@@ -33,6 +33,7 @@ and at the run's ``--temperature``) while it is written and records mean / max i
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, os_reason
 from ..config import TeacherConfig
 from ..errors import UserError
 
@@ -56,6 +57,12 @@ FORMAT_VERSION = 1
 # input fingerprints agree to ~1e-6 between devices and worker counts; a different image or crop moves the
 # per-sample mean by far more than this
 FINGERPRINT_TOL = 1e-3
+DTYPES = ("float16", "float32")
+# what to do about a damaged manifest (re-running cache-teacher rewrites a damaged epoch, not the manifest)
+REBUILD = "delete the cache folder and write it again with `vanillakd cache-teacher`"
+# what to do about a damaged epoch or val file: the same command checks every finished epoch and rewrites those
+# that are damaged
+RECACHE = "re-run the `vanillakd cache-teacher` command that wrote the cache: it rewrites what is damaged"
 
 # the flags that decide which batch a run sees at (epoch, step); `data_config`, the training-file list and the
 # world size are recorded beside them
@@ -153,11 +160,33 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise UserError(f"--teacher-cache {root} has no {MANIFEST}: not a teacher cache, or one still being "
                         "started") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg}); the cache is damaged") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg}); the cache is damaged: {REBUILD}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); the cache is damaged: "
+                        f"{REBUILD}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}): {REBUILD}")
     if manifest.get("version") != FORMAT_VERSION:
         raise UserError(f"--teacher-cache {root}: format version {manifest.get('version')}, this vanillakd reads "
                         f"{FORMAT_VERSION}")
     return manifest
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What a manifest lacks that every reader relies on (None: nothing)."""
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    for key in ("stream", "storage"):
+        if not isinstance(manifest.get(key), dict):
+            return f"no {key!r} section"
+    if not isinstance(manifest["stream"].get("num_classes"), int):
+        return "no stream.num_classes"
+    if not isinstance(manifest["storage"].get("topk"), int) or manifest["storage"].get("dtype") not in DTYPES:
+        return "no valid storage.topk / storage.dtype"
+    if not isinstance(manifest.get("epochs_done", []), list):
+        return "epochs_done is not a list"
+    return None
 
 
 def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
@@ -209,6 +238,71 @@ class Storage:
                    for shape, dt in self.arrays().values())
 
 
+def manifest_storage(manifest: dict, steps_and_batch: tuple[int, ...] = ()) -> Storage:
+    """The storage format a (checked) manifest records; the steps and batch size from ``steps_and_batch`` (an
+    epoch's fingerprint shape) where the manifest lacks them."""
+    stream, storage = manifest["stream"], manifest["storage"]
+    found = list(steps_and_batch[:2]) + [0, 0]
+    return Storage(topk=int(storage["topk"]), dtype=str(storage["dtype"]), num_classes=int(stream["num_classes"]),
+                   batch_size=int(stream.get("batch_size", found[1])),
+                   steps=int(stream.get("steps_per_epoch", found[0])))
+
+
+class CacheDamaged(UserError):
+    """A cache file that cannot be what the manifest says it is (truncated, missing, another shape)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"teacher cache file {path} is damaged ({problem}): {RECACHE}")
+        self.what = f"{path} is damaged ({problem})"
+
+
+def open_array(path: Path, shape: tuple[int, ...] | None, dtype: Any) -> np.ndarray:
+    """The .npy file at ``path``, memory-mapped, refused with ``CacheDamaged`` unless it is a whole array of
+    ``shape`` (None: any) and ``dtype``."""
+    if not path.is_file():
+        raise CacheDamaged(path, "missing")
+    size = path.stat().st_size
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CacheDamaged(path, f"truncated or unreadable: {size} bytes, {reason}") from None
+    if arr.dtype != np.dtype(dtype) or (shape is not None and arr.shape != tuple(shape)):
+        want = f"{np.dtype(dtype)} {tuple(shape)}" if shape is not None else str(np.dtype(dtype))
+        raise CacheDamaged(path, f"it holds {arr.dtype} {arr.shape}, the cache's format is {want}")
+    if size != arr.offset + arr.nbytes:
+        raise CacheDamaged(path, f"{size} bytes where its array takes {arr.offset + arr.nbytes}")
+    return arr
+
+
+def open_epoch(folder: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """An epoch folder's arrays, memory-mapped, each checked against the format the manifest records."""
+    fingerprint = open_array(folder / "fingerprint.npy", None, np.float32)
+    storage = manifest_storage(manifest, fingerprint.shape)
+    return {name: open_array(folder / f"{name}.npy", shape, dtype) for name, (shape, dtype) in storage.arrays().items()}
+
+
+def epoch_problem(folder: Path, manifest: dict) -> str | None:
+    """Why a finished epoch folder cannot be read (None: it can)."""
+    try:
+        open_epoch(folder, manifest)
+    except CacheDamaged as e:
+        return e.what
+    return None
+
+
+def val_problem(root: str | os.PathLike, manifest: dict) -> str | None:
+    """Why the cached val predictions cannot be read (None: they can, or there are none)."""
+    val = manifest.get("val")
+    if not val:
+        return None
+    try:
+        open_array(Path(root) / VAL_TOP1, None, np.int64)  # its length: the images the eval loader served
+    except CacheDamaged as e:
+        return e.what
+    return None
+
+
 def encode(logits: torch.Tensor, storage: Storage) -> dict[str, np.ndarray]:
     """One batch's logits in the storage format (host arrays)."""
     z = logits.detach().float()
@@ -249,18 +343,26 @@ def reconstruction_l1(logits: torch.Tensor, encoded: dict[str, np.ndarray], num_
 
 class EpochWriter:
     """One rank's outputs for one epoch, written into memory-mapped .npy files in a temporary folder and
-    renamed into place by ``commit``."""
+    renamed into place by ``commit``.
+
+    The arrays are written in place (through the memory map), which is safe: they are new files in a folder of
+    this writer's own (an earlier attempt's folder is deleted first), so no other name can share their bytes.
+    Their space is reserved when they are created: a full disk is then an error up front, where writing into
+    a memory-mapped hole would kill the process (SIGBUS) midway."""
 
     def __init__(self, root: str | os.PathLike, epoch: int, rank: int, storage: Storage):
         self.final = epoch_dir(root, epoch, rank)
         self.tmp = self.final.with_name(self.final.name + ".partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)  # an interrupted earlier attempt at this epoch
-        self.tmp.mkdir(parents=True)
-        self.arrays = {name: np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dt, shape=shape)
-                       for name, (shape, dt) in storage.arrays().items()}
         self.storage = storage
         self.written = np.zeros(storage.steps, dtype=bool)
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)  # an interrupted earlier attempt at this epoch
+            self.tmp.mkdir(parents=True)
+            self.arrays = {name: _reserved_memmap(self.tmp / f"{name}.npy", shape, dt)
+                           for name, (shape, dt) in storage.arrays().items()}
+        except OSError as e:
+            self._give_up(e)
 
     def add(self, step: int, logits: torch.Tensor, fingerprint: torch.Tensor) -> dict[str, np.ndarray]:
         """Store batch ``step``; return what was stored for it (the caller may measure its error)."""
@@ -274,17 +376,43 @@ class EpochWriter:
     def commit(self) -> None:
         if not self.written.all():
             raise RuntimeError(f"epoch folder {self.final.name}: steps {np.flatnonzero(~self.written)[:5]} missing")
-        for arr in self.arrays.values():
-            arr.flush()
-            fd = os.open(arr.filename, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # on disk before the rename publishes the epoch
-            finally:
-                os.close(fd)
-        self.arrays.clear()
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
+        try:
+            for arr in self.arrays.values():
+                arr.flush()
+                fd = os.open(arr.filename, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # on disk before the rename publishes the epoch
+                finally:
+                    os.close(fd)
+            self.arrays.clear()
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, e: OSError) -> None:
+        """A failed write: the partial folder removed (no half epoch left behind), one line naming it."""
+        self.arrays = {}
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise UserError(f"could not write the teacher cache epoch {self.final}: {os_reason(e, self.final.parent)}"
+                        ) from None
+
+
+def _reserved_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """A new .npy file of ``shape`` opened as a writable memory map, its disk space allocated."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = path.stat().st_size
+    if hasattr(os, "posix_fallocate") and size:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system that cannot
+                raise
+        finally:
+            os.close(fd)
+    return arr
 
 
 class _Staging:
@@ -345,7 +473,7 @@ class CachedTeacher(nn.Module):
         folder = epoch_dir(self.root, epoch, self.rank)
         if not folder.is_dir():
             raise UserError(f"--teacher-cache {self.root} lacks epoch {epoch} for rank {self.rank} ({folder.name})")
-        return {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}
+        return open_epoch(folder, self.manifest)
 
     def batch_output(self, x: torch.Tensor, target: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """The cached logits of batch ``step`` of ``epoch``; x and target are checked against the batch's
@@ -370,7 +498,8 @@ class CachedTeacher(nn.Module):
         val = self.manifest.get("val")
         if not val or val.get("files") != val_files or not (self.root / VAL_TOP1).is_file():
             return None
-        preds = torch.from_numpy(np.load(self.root / VAL_TOP1)).to(self.device)
+        top1 = open_array(self.root / VAL_TOP1, None, np.int64)
+        preds = torch.from_numpy(np.array(top1)).to(self.device)
         return list(torch.split(preds, batch_size))
 
     def check(self) -> None:
@@ -395,6 +524,11 @@ def open_cache(root: str | os.PathLike, stream: dict, teacher: dict, num_epochs:
         raise UserError(f"--teacher-cache {root} holds {len(done)} finished epoch(s) but this run trains "
                         f"{num_epochs} (epoch {missing[0]} missing); finish it by re-running the same "
                         "`vanillakd cache-teacher` command with enough --epochs")
+    for epoch in range(num_epochs):  # every file checked now (headers and sizes), not when training reaches it
+        folder = epoch_dir(root, epoch, rank)
+        if not folder.is_dir():
+            raise UserError(f"--teacher-cache {root} lacks epoch {epoch} for rank {rank} ({folder.name}): {RECACHE}")
+        open_epoch(folder, manifest)
     return CachedTeacher(root, manifest, rank, device)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import remove_stale_temps, writable_folder
 from ..config import CacheConfig, RunConfig
 from ..data.loader import build_eval_loader, build_train_loader, set_epoch
 from ..distributed import teardown
@@ -29,6 +31,7 @@ from .cache import (
     describe_difference,
     disk_bytes,
     epoch_dir,
+    epoch_problem,
     human_bytes,
     input_fingerprint,
     read_manifest,
@@ -37,6 +40,7 @@ from .cache import (
     stream_description,
     teacher_description,
     teacher_difference,
+    val_problem,
     write_manifest,
 )
 
@@ -69,7 +73,7 @@ def write_cache(cfg: RunConfig) -> dict:
     train_split, val_split, num_classes = load_training_data(cfg)
     data_cfg = data_config(cfg, cfg.students[0].model)
     distiller = [s.kd_loss for s in cfg.students if s.uses_teacher][:1]  # logits only, whatever methods follow
-    teacher, _ = build_teacher(cfg, distiller, num_classes, env.device, data_cfg)
+    teacher, _ = build_teacher(cfg, distiller, num_classes, env.device, data_cfg, train_split.classes)
     loader = build_train_loader(train_split.dataset, data_cfg, cfg, num_classes, env.device,
                                 world_size=info.world_size, rank=info.rank)
     log_left_out(train_split)
@@ -85,7 +89,8 @@ def write_cache(cfg: RunConfig) -> dict:
         "epochs_done": [], "error": {},
     }
     root = cfg.cache.cache_dir
-    manifest, lock = _shared_manifest(root, manifest, info)
+    epoch_bytes = disk_bytes(steps * cfg.data.batch_size * info.world_size, 1, storage)
+    manifest, lock = _shared_manifest(root, manifest, info, epoch_bytes, num_epochs)
     if info.primary and not info.distributed and "val" not in manifest:
         _cache_val_predictions(root, manifest, teacher, val_split, data_cfg, cfg, env)
     todo = [e for e in range(num_epochs) if e not in manifest["epochs_done"]]
@@ -142,15 +147,17 @@ def _cache_epoch(cfg: RunConfig, env: RunEnv, teacher, loader, epoch: int, steps
                 f"{error['l1_T1']['mean']:.2e} max {error['l1_T1']['max']:.2e}" if error else ""))
 
 
-def _shared_manifest(root, manifest: dict, info) -> tuple[dict, int | None]:
+def _shared_manifest(root, manifest: dict, info, epoch_bytes: int, num_epochs: int) -> tuple[dict, int | None]:
     """The manifest to continue from, and rank 0's lock on the folder. Rank 0 alone creates or checks the
-    folder (ranks doing it together would see each other's files) and hands the outcome, or its refusal, to
-    the others."""
+    folder (ranks doing it together would see each other's files), checks that the epochs still to write fit
+    on its disk, and hands the outcome, or its refusal, to the others."""
     outcome, lock = None, None
     if info.primary:
         try:
             outcome = _continue(root, manifest, info.world_size)
+            _check_space(root, epoch_bytes * sum(e not in outcome["epochs_done"] for e in range(num_epochs)))
             lock = _lock(root)
+            _remove_leftovers(root)
         except UserError as e:
             outcome = e
     if info.distributed:
@@ -160,6 +167,31 @@ def _shared_manifest(root, manifest: dict, info) -> tuple[dict, int | None]:
     if isinstance(outcome, UserError):
         raise UserError(str(outcome))
     return outcome, lock
+
+
+def _check_space(root, needed: int) -> None:
+    """Refuse, before the teacher runs, a cache the disk cannot hold (space is reserved per epoch as it is
+    written, so a smaller shortfall later is still one line)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and needed > free:
+        raise UserError(f"--cache-dir {root}: the epochs still to cache take {human_bytes(needed)} but only "
+                        f"{human_bytes(free)} is free there; free some space or choose another folder")
+
+
+def _remove_leftovers(root) -> None:
+    """What killed writers left (temp files of the manifest or val predictions, half-written epoch folders);
+    only under the folder's lock, when no other writer can be using them."""
+    stale = remove_stale_temps(root)
+    for partial in Path(root).glob("epoch*-rank*.partial"):
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+            stale.append(partial)
+    if stale:
+        log.info(f"removed {len(stale)} leftover(s) of an interrupted cache write in {root}")
 
 
 def _lock(root) -> int:
@@ -196,7 +228,7 @@ def _continue(root, manifest: dict, world_size: int) -> dict:
     if not (folder / "manifest.json").exists():
         if folder.exists() and any(folder.iterdir()):
             raise UserError(f"--cache-dir {root} is not empty and holds no teacher cache; choose a new folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        writable_folder(folder, "--cache-dir")
         write_manifest(folder, manifest)
         return manifest
     old = read_manifest(folder)
@@ -207,7 +239,23 @@ def _continue(root, manifest: dict, world_size: int) -> dict:
     if diff:
         raise UserError(f"--cache-dir {root} holds a cache of another stream or teacher ({'; '.join(diff)}); "
                         "choose a new folder")
-    done = [e for e in old.get("epochs_done", [])
-            if all(epoch_dir(folder, e, rank).is_dir() for rank in range(world_size))]
+    writable_folder(folder, "--cache-dir")
+    done = [e for e in old.get("epochs_done", []) if _epoch_intact(folder, old, e, world_size)]
     log.info(f"continuing the cache in {root}: {len(done)} epoch(s) already done")
-    return {**old, "epochs_done": done}
+    old = {**old, "epochs_done": done}
+    problem = val_problem(folder, old)
+    if problem:
+        log.info(f"{problem}: the val predictions are cached again")
+        old.pop("val")
+    return old
+
+
+def _epoch_intact(folder: Path, manifest: dict, epoch: int, world_size: int) -> bool:
+    """Whether every rank's part of a finished epoch is in place and whole (a damaged one is cached again)."""
+    for rank in range(world_size):
+        part = epoch_dir(folder, epoch, rank)
+        problem = epoch_problem(part, manifest) if part.is_dir() else f"{part.name} is missing"
+        if problem:
+            log.info(f"epoch {epoch} is cached again: {problem}")
+            return False
+    return True

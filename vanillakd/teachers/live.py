@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 
 import timm
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import _create, check_model_name
+from ..resume_check import class_change
 from ..weights import load_weights
 
 
@@ -95,7 +97,12 @@ def teacher_input_adapter(model: nn.Module, student_config: dict, resize: int | 
     """(resize, renorm) so that the teacher gets its own normalisation and, when its input size is fixed and
     differs from the student's (and ``--teacher-resize`` is not given), its own resolution."""
     from timm.data import resolve_data_config
+
+    from ..data.prefetch import channel_stats
     cfg = resolve_data_config({}, model=model)
+    # the teacher's stats for the batch's channels (an RGB teacher on greyscale input: timm's average)
+    channels = int(student_config["input_size"][0])
+    cfg["mean"], cfg["std"] = channel_stats(tuple(cfg["mean"]), channels), channel_stats(tuple(cfg["std"]), channels)
     renorm = None
     if tuple(cfg["mean"]) != tuple(student_config["mean"]) or tuple(cfg["std"]) != tuple(student_config["std"]):
         renorm = (tuple(student_config["mean"]), tuple(student_config["std"]), tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -113,15 +120,18 @@ def teacher_input_adapter(model: nn.Module, student_config: dict, resize: int | 
 
 def create_teacher(name: str, num_classes: int, weights: str | None, resize: int | None = None,
                    trust: bool = False, student_config: dict | None = None, log=None,
-                   in_chans: int = 3) -> FrozenTeacher:
+                   in_chans: int = 3, classes: Sequence[str] | None = None) -> FrozenTeacher:
     """The teacher from a weights file, or from timm's pretrained weights / hub tag when no file is given.
 
     ``in_chans``: the channels of the batch it shares with the students (an RGB teacher's first conv is
-    adapted to greyscale input, as timm's loaders do)."""
+    adapted to greyscale input, as timm's loaders do). ``classes``: the data's, compared with those a weights
+    file records (a teacher trained with this project records them)."""
     check_teacher_name(name)
     if weights:
         if not os.path.exists(weights):
             raise UserError(f"teacher checkpoint {weights} does not exist")
+        if classes is not None:
+            check_file_classes(weights, classes)
         model = _create(name, False, num_classes=num_classes, in_chans=in_chans)
         load_weights(model, weights, what="teacher", use_ema=True, trust=trust)
     else:
@@ -130,6 +140,20 @@ def create_teacher(name: str, num_classes: int, weights: str | None, resize: int
     if student_config is not None:
         resize, renorm = teacher_input_adapter(model, student_config, resize, log)
     return FrozenTeacher(model, resize, renorm)
+
+
+def check_file_classes(path: str | os.PathLike, classes: Sequence[str]) -> None:
+    """A teacher file that records its class list must have been trained on the data's classes, in the same
+    order: a renamed or reordered class would silently permute what the teacher teaches."""
+    try:  # memory-mapped: only the small entries are read; a file this cannot open is checked by the real load
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_weights, with its reason
+        return
+    saved = ckpt.get("classes") if isinstance(ckpt, Mapping) else None
+    if isinstance(saved, list) and saved and all(isinstance(c, str) for c in saved):
+        change = class_change(saved, classes)
+        if change:
+            raise UserError(f"teacher checkpoint {path} was trained on other classes than the data's: {change}")
 
 
 def _pretrained_teacher(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text, writable_folder
 from ..config import NO_KD
 from ..errors import UserError
 from .report import (
@@ -164,7 +164,7 @@ def _stored_id(folder: Path) -> str | None:
 
 def _claim(folder: Path, identity: dict, ident: str) -> None:
     """Record ``identity`` in ``folder`` (before anything trains there)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_folder(folder, "compare folder")
     atomic_write_text(json.dumps({"id": ident, "identity": identity}, indent=2), folder / "identity.json")
 
 
@@ -195,7 +195,7 @@ def ensure_teacher(grid: dict, recipe: list[str], out: Path, run_argv: TrainRunn
         log.info(f"reusing the teacher in {teacher_dir} (same identity {ident[:12]})")
         return str(best)
     log.info(f"training the teacher {grid['teacher']} for {grid['train_teacher_epochs']} epochs in {teacher_dir}")
-    resume = ["--resume", "auto"] if (teacher_dir / "last.pth.tar").is_file() else []
+    resume = ["--resume", "auto"]  # continues an interrupted teacher, and starts one that has no checkpoint yet
     _claim(teacher_dir, identity, ident)
     # the recipe first: the teacher's own flags after it win
     run_argv([str(grid["data_dir"])] + recipe + ["--model", grid["teacher"], "--kd-loss", "none", "--output", str(out),
@@ -224,7 +224,7 @@ def run_cell(grid: dict, recipe: list[str], out: Path, run_argv: TrainRunner, te
     if done.is_file() and _stored_id(cell) == ident:
         log.info(f"{name}: finished earlier with the same identity, reused")
         return json.loads(done.read_text())["results"], cell, False
-    resume = ["--resume", "auto"] if any(cell.rglob("last.pth.tar")) else []
+    resume = ["--resume", "auto"]  # continues an interrupted cell, and starts one that has no checkpoint yet
     _claim(cell, identity, ident)
     start = time.time()
     log.info(f"{name}: training {len(methods)} students ({', '.join(methods)}) from one teacher pass")
@@ -250,8 +250,7 @@ def _cell_title(rows: list[dict], fraction: float, seed: int) -> str:
 def compare(grid: dict, recipe: list[str], run_argv: TrainRunner) -> tuple[list[dict], Path]:
     """Run (or take up) the grid (``build_grid``'s grid and full recipe); return the current grid's result rows
     and the comparison's folder."""
-    out = Path(grid["output"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(grid["output"], "compare --output")  # before any training
     atomic_write_text(yaml.safe_dump(dict(grid), sort_keys=False), out / "grid.yaml")
     data = data_identity(grid)
     teacher_weights = ensure_teacher(grid, recipe, out, run_argv, data)

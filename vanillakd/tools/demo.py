@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
 from ..data.fashion_mnist import is_prepared, make_subset, prepare_fashion_mnist
 
 log = logging.getLogger("vanillakd")
@@ -37,6 +38,16 @@ def _teacher_key(args) -> dict:
             "lr": args.teacher_lr, "seed": args.seed, "val_per_class": args.val_per_class}
 
 
+def _trained_teacher(out: Path, args) -> Path | None:
+    """A teacher an earlier demo trained with the same settings (``teacher/``, ``teacher-1/`` ...), or None."""
+    for folder in sorted(out.glob("teacher*")):
+        key = folder / "demo-teacher.json"
+        if (folder / "model_best.pth.tar").is_file() and key.is_file() and \
+                json.loads(key.read_text()) == _teacher_key(args):
+            return folder
+    return None
+
+
 def run_demo(args, run_argv: Callable[[list[str]], list[dict]]) -> str:
     """Prepare the data, train (or reuse) the teacher, train the three students; return the markdown table.
     ``args``: ``cli.demo``'s flags (any object with those attributes); ``run_argv``: runs a train-kd command
@@ -51,9 +62,8 @@ def run_demo(args, run_argv: Callable[[list[str]], list[dict]]) -> str:
     common = ["--workers", str(args.workers), "--seed", str(args.seed), "-b", str(args.batch_size),
               "--output", str(out), "--log-interval", "1000"] + RECIPE
 
-    teacher_dir, key_file = out / "teacher", out / "teacher" / "demo-teacher.json"
-    teacher_ckpt = teacher_dir / "model_best.pth.tar"
-    if teacher_ckpt.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == _teacher_key(args):
+    teacher_dir = _trained_teacher(out, args)
+    if teacher_dir is not None:
         log.info(f"reusing the teacher in {teacher_dir}")
         teacher_row = _row(json.loads((teacher_dir / "result.json").read_text()))
     else:
@@ -64,10 +74,13 @@ def run_demo(args, run_argv: Callable[[list[str]], list[dict]]) -> str:
                       "--epochs", str(args.teacher_epochs), "--lr", str(args.teacher_lr),
                       "--eval-interval", str(args.teacher_epochs)] + common)[0]
         teacher_row = _row(res)
-        (teacher_dir / "result.json").write_text(json.dumps({"best_metric": res["best_metric"],
-                                                             "best_epoch": res["best_epoch"], "last": res["last"]}))
-        key_file.write_text(json.dumps(_teacher_key(args)))
+        teacher_dir = Path(res["out_dir"])  # teacher/, or teacher-N/ when teacher/ holds another demo's
+        key_file = teacher_dir / "demo-teacher.json"
+        atomic_write_text(json.dumps({"best_metric": res["best_metric"], "best_epoch": res["best_epoch"],
+                                      "last": res["last"]}), teacher_dir / "result.json")
+        atomic_write_text(json.dumps(_teacher_key(args)), key_file)
 
+    teacher_ckpt = teacher_dir / "model_best.pth.tar"
     data = make_subset(args.data, out / "data-student", {"train": args.student_per_class,
                                                          "val": args.val_per_class}, seed=args.seed)
     log.info(f"training {args.student_model} from scratch, with KD and with DKD "
@@ -87,5 +100,5 @@ def run_demo(args, run_argv: Callable[[list[str]], list[dict]]) -> str:
               "log also measures the teacher once on their val set with their input pipeline (`teacher: top1 ... on "
               "the val set`), which can differ a little from the teacher's own run."]
     text = "\n".join(table)
-    (out / "demo-results.md").write_text(text + "\n")
+    atomic_write_text(text + "\n", out / "demo-results.md")
     return text

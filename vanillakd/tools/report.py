@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write, atomic_write_text, writable_folder
 from ..config import StudentSetting
 from ..outputs import read_summary
 
@@ -414,8 +414,15 @@ def plot_gap(results: Sequence[dict], path: Path, title: str = "") -> None:
 def _save(fig, ax, path: Path, plt) -> None:
     """The legend outside the axes, on the right, so that it never hides a point."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, plt, bbox_inches="tight")
+
+
+def save_figure(fig, path: Path, plt, **savefig_args) -> None:
+    """``fig`` written atomically (a failed write is one line and leaves the old plot), then closed."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", **savefig_args))
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(run_dirs: Sequence[Path], path: Path, title: str = "") -> None:
@@ -447,8 +454,7 @@ def plot_curves(run_dirs: Sequence[Path], path: Path, title: str = "") -> None:
     b.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, plt)
 
 
 def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> list[dict]:
@@ -458,6 +464,7 @@ def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> li
     runs = find_runs(paths)
     if not runs:
         raise UserError(f"no finished training runs (summary.csv + args.yaml) under {', '.join(map(str, paths))}")
+    writable_folder(out_dir, "report folder")  # before the runs are read: a folder it cannot write fails at once
     wanted = {k: ("folder" if k == "dataset" and v in ("", "folder") else v) for k, v in (only or {}).items()
               if v is not None}
     results = [run_result(d) for d in runs]
@@ -465,7 +472,6 @@ def report(paths: Sequence[Path], out_dir: Path, only: dict | None = None) -> li
     if not kept:
         raise UserError(f"none of the {len(runs)} runs was trained with {wanted}")
     runs, results = [runs[i] for i in kept], [results[i] for i in kept]
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_results_csv(results, out_dir / "results.csv")
     atomic_write_text(report_tables(results), out_dir / "results.md")
     if not plots_available():
