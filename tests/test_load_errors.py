@@ -228,3 +228,19 @@ def test_a_foreign_pickle_is_not_unpickled_even_when_trusted(tmp_path, monkeypat
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_flipped_bytes_in_a_tensor_are_found_by_the_checksums(tmp_path):
+    """torch.load does not check the zip's CRC-32s; load_file does, so damaged weights never load silently."""
+    path = tmp_path / "c.pth"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # the local header's size
+    data_at = raw.index(b"\x00\x00\x80\x3f", start)  # the value 1.0 inside the tensor's bytes
+    raw[data_at:data_at + 4] = b"\x00\x00\x00\x40"  # now 2.0
+    path.write_bytes(bytes(raw))
+    assert torch.load(path, weights_only=True)["w"][1] == 2.0  # torch itself loads the damage
+    with pytest.raises(UserError, match=r"is corrupt: its part .*data/0 does not match its checksum"):
+        load_file(path)

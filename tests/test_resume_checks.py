@@ -116,3 +116,45 @@ def test_model_best_only_improves_across_requeues(tiny_data, teacher, tmp_path):
         if previous is not None and first_best != epochs - 1:
             assert data == previous  # this epoch did not beat the best: the file is untouched
         previous = data
+
+
+def test_other_teacher_weights_are_refused(tiny_data, run_copy, tmp_path, capsys):
+    other = save_teacher(tmp_path / "other.pth", "test_resnet", num_classes=3, seed=1)  # same arch, other weights
+    assert run_cli(train_kd.cli, argv(tiny_data, other, run_copy, "r", "--resume", "auto")) == 2
+    assert "the teacher's weights differ" in capsys.readouterr().err
+
+
+def test_moved_teacher_file_is_accepted(tiny_data, teacher, run_copy, capsys):
+    moved = shutil.copy(teacher, run_copy / "moved-teacher.pth")
+    assert run_cli(train_kd.cli, argv(tiny_data, moved, run_copy, "r", "--resume", "auto")) == 0
+    assert "--teacher-pretrained" in capsys.readouterr().err  # logged as a change, not refused
+
+
+def test_a_checkpoint_without_a_best_record_keeps_model_best(tiny_data, teacher, run_copy):
+    """timm's and the seed's checkpoints record no best: the run's model_best.pth.tar says what it is."""
+    folder = run_copy / "r"
+    last = torch.load(folder / "last.pth.tar", weights_only=True)
+    del last["best"]
+    torch.save(last, folder / "last.pth.tar")
+    best = torch.load(folder / "model_best.pth.tar", weights_only=True)
+    best["metric"] = 1e9  # better than any epoch can be
+    torch.save(best, folder / "model_best.pth.tar")
+    before = (folder / "model_best.pth.tar").read_bytes()
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, run_copy, "r", "--resume", "auto")) == 0
+    assert (folder / "model_best.pth.tar").read_bytes() == before
+    assert torch.load(folder / "last.pth.tar", weights_only=True)["best"]["metric"] == 1e9
+
+
+def test_weights_only_file_given_to_resume_says_so(tiny_data, teacher, tmp_path, capsys):
+    weights = save_teacher(tmp_path / "w.pth", "test_resnet", num_classes=3)
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "w", "--resume", weights)) == 2
+    assert "holds no training state (weights only): --initial-checkpoint" in capsys.readouterr().err
+
+
+def test_legacy_format_teacher_with_other_classes_is_refused(one_epoch, tmp_path, capsys):
+    ckpt = torch.load(one_epoch / "last.pth.tar", weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    data = _data_with(tmp_path, ("cat", "dog", "wolf"))
+    assert run_cli(train_kd.cli, argv(data, legacy, tmp_path, "t")) == 2
+    assert "was trained on other classes than the data's" in capsys.readouterr().err

@@ -125,3 +125,39 @@ def test_two_runs_started_at_once_get_two_folders(tiny_data, teacher, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errs
     assert (tmp_path / "same" / "last.pth.tar").is_file() and (tmp_path / "same-1" / "last.pth.tar").is_file()
     assert not (tmp_path / "same-2").exists()
+
+
+def test_too_long_an_experiment_name_is_one_line(tiny_data, teacher, tmp_path, capsys):
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "--experiment", "x" * 300)) == 2
+    assert "bytes long; at most 240" in capsys.readouterr().err
+
+
+def test_a_link_planted_at_the_lock_is_not_followed(tiny_data, teacher, tmp_path, capsys):
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (folder / ".lock").symlink_to(victim)
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "--experiment", "planted", "--resume",
+                                      "auto")) == 2
+    assert "is not a lock file but a link" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+
+
+def test_a_users_own_checkpoint_file_in_the_folder_is_left_alone(tiny_data, teacher, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "checkpoint-final.pth.tar").write_bytes(b"my own file")
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "--experiment", "mine", "--resume", "auto",
+                                      "--checkpoint-hist", "1")) == 2  # something to resume, which does not load
+    assert (folder / "checkpoint-final.pth.tar").read_bytes() == b"my own file"
+    assert run_cli(train_kd.cli, argv(tiny_data, teacher, tmp_path, "--experiment", "mine-run",
+                                      "--checkpoint-hist", "1")) == 0
+    (tmp_path / "mine-run" / "checkpoint-final.pth.tar").write_bytes(b"mine too")
+    longer = argv(tiny_data, teacher, tmp_path, "--experiment", "mine-run", "--resume", "auto", "--checkpoint-hist",
+                  "1")
+    longer[longer.index("--epochs") + 1] = "2"
+    assert run_cli(train_kd.cli, longer) == 0  # pruning the epoch checkpoints skips it
+    assert (tmp_path / "mine-run" / "checkpoint-final.pth.tar").read_bytes() == b"mine too"
+    assert sorted(p.name for p in (tmp_path / "mine-run").glob("checkpoint-*")) == [
+        "checkpoint-1.pth.tar", "checkpoint-final.pth.tar"]

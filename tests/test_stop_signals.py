@@ -102,3 +102,45 @@ def test_ddp_ranks_stop_after_the_same_step_and_resume_exactly(data, teacher, tm
     a = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "last.pth.tar", weights_only=True)
     assert_same(a["state_dict"], b["state_dict"])
+
+
+WORKERS = """
+import subprocess, time
+from torch.utils.data import DataLoader
+from vanillakd.data.loader import workers_ignore_stop_signals
+
+class Slow(list):
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return list.__getitem__(self, i)
+
+loader = DataLoader(Slow(range(400)), batch_size=2, num_workers=2, persistent_workers=True)
+workers_ignore_stop_signals(loader)
+it = iter(loader)
+next(it)
+for w in it._workers:  # SIGTERM from another process (kill), as a batch system signals every process of a job
+    subprocess.run(["kill", "-TERM", str(w.pid)], check=True)
+print(len(list(it)), flush=True)  # the workers live on and serve the rest of the epoch
+raise RuntimeError("a crash after the workers started")
+"""
+
+
+def test_workers_survive_a_foreign_sigterm_yet_end_with_their_parent():
+    """A worker ignores SIGTERM from others but ends on its parent's (multiprocessing's terminate() at exit), so
+    a run that ends on an error never waits for ever on its workers."""
+    r = subprocess.run([sys.executable, "-c", WORKERS], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "199", r.stderr[-2000:]
+    assert r.returncode == 1 and "a crash after the workers started" in r.stderr
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored():
+    from vanillakd.stop import StopSignals
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+    try:
+        signals = StopSignals().install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signals._handle
+        signals.restore()
+        assert signal.getsignal(signal.SIGTERM) is not signals._handle
+    finally:
+        signal.signal(signal.SIGINT, before)

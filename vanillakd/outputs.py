@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from .checkpoint import atomic_save, atomic_write_text, copy_file, os_reason, pl
 from .errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(message)s"
+_EPOCH_FILE = re.compile(r"checkpoint-(\d+)\.pth\.tar")
 
 
 def make_output_dir(path: str | os.PathLike) -> Path:
@@ -176,7 +178,9 @@ class CheckpointWriter:
         # an independent copy, not a hard link: damage to one name (an in-place write, a truncation, bit rot)
         # must not reach the backup the other is
         copy_file(last, self.out_dir / f"checkpoint-{epoch}.pth.tar")
-        kept = sorted(self.out_dir.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+        # only our checkpoint-<epoch> files: a user's checkpoint-final.pth.tar is neither sorted nor pruned
+        numbered = [p for p in self.out_dir.glob("checkpoint-*.pth.tar") if _EPOCH_FILE.fullmatch(p.name)]
+        kept = sorted(numbered, key=lambda p: int(_EPOCH_FILE.fullmatch(p.name).group(1)))
         for old in kept[:-history]:
             old.unlink(missing_ok=True)
 

@@ -2,9 +2,11 @@
 
 The exact-replay guarantee (a resumed run ends where the uninterrupted one does) holds only when the
 recipe, the data and the launch are the ones the checkpoint was trained with. So every flag must match
-except those that cannot change the trained weights' future (where outputs go, logging, device speed
-settings, a later ``--epochs`` ...): those are logged. The class list, the training files' digest and the
-world size are compared too.
+except an allowed few, which are logged: the run's length (a later ``--epochs``), where outputs go, logging
+and checkpoint cadence, and settings of the machine it continues on (workers, precision, device, compile,
+data pipeline). The last group keeps the recipe but changes rounding or augmentation draws, so the log says
+that the continued run will no longer repeat the original bit for bit. The class list, the training files'
+digest, the teacher's weights and the world size are compared too.
 """
 from __future__ import annotations
 
@@ -27,13 +29,21 @@ MAY_CHANGE = frozenset({
     "save_safetensors", "max_nonfinite", "teacher_pretrained", "teacher_cache", "bad_images", "data_pipeline",
     "dataset_download", "start_epoch",
 })
+# of those, the ones that change rounding (precision, kernels) or the augmentation draws (the pipeline)
+NOT_EXACT = frozenset({"amp", "amp_dtype", "device", "compile", "compile_mode", "channels_last", "fused_opt",
+                       "data_pipeline"})
 # records, not settings
 IGNORED = frozenset({"resume", "config", "local_rank", "train_images"})
 
 
-def run_record(classes: Sequence[str], data_digest: str, world_size: int) -> dict[str, Any]:
-    """What a checkpoint records about its data and launch, for this comparison."""
-    return {"classes": list(classes), "data_digest": data_digest, "world_size": world_size}
+def run_record(classes: Sequence[str], data_digest: str, world_size: int,
+               teacher_sha256: str | None = None) -> dict[str, Any]:
+    """What a checkpoint records about its data, teacher and launch, for this comparison (``teacher_sha256``:
+    the digest of the ``--teacher-pretrained`` file, whose path may move)."""
+    record = {"classes": list(classes), "data_digest": data_digest, "world_size": world_size}
+    if teacher_sha256:
+        record["teacher_sha256"] = teacher_sha256
+    return record
 
 
 def _flag(name: str) -> str:
@@ -83,6 +93,8 @@ def record_changes(ckpt: Mapping[str, Any], record: Mapping[str, Any]) -> list[s
         out.append(classes)
     elif "data_digest" in ckpt and ckpt["data_digest"] != record["data_digest"]:
         out.append("the training files or their labels differ (data digest)")
+    if "teacher_sha256" in ckpt and "teacher_sha256" in record and ckpt["teacher_sha256"] != record["teacher_sha256"]:
+        out.append("the teacher's weights differ (the --teacher-pretrained file's digest)")
     if "world_size" in ckpt and int(ckpt["world_size"]) != int(record["world_size"]):
         out.append(f"world size {ckpt['world_size']} -> {record['world_size']} processes")
     return out
@@ -102,4 +114,7 @@ def check_resume(ckpt: Mapping[str, Any], path: str, flags: Mapping[str, Any], r
                         "Continue it with its own settings, or start a new run (--initial-checkpoint starts "
                         "from its weights)")
     if allowed and say_allowed:
-        log.info(f"--resume: changed since the checkpoint: {'; '.join(allowed)}")
+        inexact = [a for a in allowed if a.split()[0].removeprefix("--").replace("-", "_") in NOT_EXACT]
+        log.info(f"--resume: changed since the checkpoint: {'; '.join(allowed)}" + (
+            f" ({', '.join(a.split()[0] for a in inexact)}: the continued run will not repeat the original bit for "
+            "bit)" if inexact else ""))

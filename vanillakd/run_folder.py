@@ -16,18 +16,20 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import time
 from datetime import datetime
 from pathlib import Path
 
-from .checkpoint import remove_stale_temps, writable_folder
+from .checkpoint import os_reason, remove_stale_temps, writable_folder
 from .config import RunConfig
 from .errors import UserError
 
 log = logging.getLogger("vanillakd")
 
 LOCK_NAME = ".lock"
+NAME_BYTES = 240
 CHECKPOINT_GLOBS = ("last.pth.tar", "recovery.pth.tar", "checkpoint-*.pth.tar")
 
 
@@ -40,10 +42,14 @@ class RunLock:
 
     def acquire(self) -> bool:
         """Take the lock; False when a live process holds it. A lock file nobody holds is taken over."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if self.path.is_symlink() or self.path.is_dir():
+            raise UserError(f"{self.path} is not a lock file but a {'link' if self.path.is_symlink() else 'folder'}"
+                            ": remove it, then start again")
+        try:  # O_NOFOLLOW: a link planted at .lock is never followed (its target would be overwritten)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
-            raise UserError(f"run folder {self.path.parent} is not writable: {e.strerror or e}") from None
+            raise UserError(f"run folder {self.path.parent} is not writable: {os_reason(e, self.path.parent)}"
+                            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -53,11 +59,15 @@ class RunLock:
             # a filesystem without locks: no guard, but the run goes on
             log.warning(f"cannot lock {self.path} on this filesystem: nothing stops a second run in this folder")
             return True
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        try:
+            previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder().encode(), 0)
+        except OSError as e:  # a full disk: say so, and hold nothing
+            os.close(fd)
+            raise UserError(f"cannot write the lock file {self.path}: {os_reason(e, self.path.parent)}") from None
         if previous:
             log.warning(f"taking over the stale lock of a run that ended without releasing it ({previous})")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder().encode(), 0)
         self._fd = fd
         return True
 
@@ -91,8 +101,13 @@ def experiment_folder(root: Path, experiment: str) -> Path:
     """``root/experiment``, refusing names that lead outside ``root`` (absolute, ``..``)."""
     parts = Path(experiment).parts
     if Path(experiment).is_absolute() or ".." in parts or not parts:
-        raise UserError(f"--experiment {experiment!r} must be a folder name inside --output (no absolute path, "
-                        "no '..')")
+        raise UserError(f"--experiment {experiment!r} must name a folder inside --output (a relative name, without "
+                        "'..')")
+    # room for a '-N' suffix within the usual 255-byte limit of a file name
+    long = next((p for p in parts if len(os.fsencode(p)) > NAME_BYTES), None)
+    if long is not None:
+        raise UserError(f"--experiment: the name {long[:40]!r}... is {len(os.fsencode(long))} bytes long; at most "
+                        f"{NAME_BYTES} are allowed")
     return root / experiment
 
 
@@ -118,9 +133,16 @@ def _claim_new(root: Path, name: str) -> tuple[Path, RunLock]:
         path = root / (name if i == 0 else f"{name}-{i}")
         if not _is_free(path):
             continue
+        created = not path.exists()
         _make_dir(path)
         lock = RunLock(path)
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except UserError:
+            if created:  # leave no empty folder (or lock file) behind for the next run to skip
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        if not acquired:
             continue  # another run claimed this one a moment ago
         if any(p.name != LOCK_NAME for p in path.iterdir()):
             lock.release()  # another run wrote here between our checks: not ours

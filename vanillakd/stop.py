@@ -35,6 +35,8 @@ class StopSignals:
         # signal handlers can only be set from the main thread (an in-process caller may run us elsewhere)
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us (a background job's SIGINT): it stays ignored
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from .checkpoint import load_state_strict, plain, rng_state
+from .checkpoint import load_file, load_state_strict, plain, rng_state
 from .config import NO_KD, RunConfig, ScheduleConfig, StudentSetting
 from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
@@ -214,6 +214,9 @@ class StudentRun:
     def resume(self, ckpt: dict[str, Any], path: str, load_optimizer: bool = True) -> tuple[int, int]:
         """Restore everything that decides this student's future from ``ckpt``; return the (epoch, step)
         to continue from."""
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+            raise UserError(f"--resume {path} holds no training state (weights only): --initial-checkpoint {path} "
+                            "starts a new run from its weights")
         arch = ckpt.get("arch")
         if arch != self.setting.model:
             raise UserError(f"--resume {path} is a checkpoint of {arch!r}, not of --model {self.setting.model}")
@@ -239,7 +242,7 @@ class StudentRun:
                 self.loss_scaler.load_state_dict(ckpt["scaler"])
         self._load_scheduler(ckpt["scheduler"], path)
         self.num_updates = int(ckpt.get("num_updates", 0))
-        best = ckpt.get("best", {})
+        best = ckpt.get("best") or self._best_on_disk()
         self.saver.best, self.saver.best_epoch = best.get("metric"), best.get("epoch")
         for w, (metric, epoch) in zip(self.ema_savers, best.get("ema", [])):
             w.best, w.best_epoch = metric, epoch
@@ -384,6 +387,20 @@ class StudentRun:
 
     def end_epoch(self, epoch: int, metric: float | None) -> None:
         self.scheduler.step(epoch + 1, metric)
+
+    def _best_on_disk(self) -> dict[str, Any]:
+        """The best of a checkpoint that does not record it (timm's, the seed's, older files): the metric and
+        epoch the run's ``model_best.pth.tar`` holds, so a worse epoch never replaces it."""
+        path = self.out_dir / "model_best.pth.tar"
+        if not path.is_file():
+            return {}
+        try:
+            saved = load_file(path)
+        except UserError as e:
+            self.log.warning(f"the run's best so far is unknown ({e}): the next evaluated epoch replaces {path}")
+            return {}
+        metric = saved.get("metric") if isinstance(saved, dict) else None
+        return {"metric": float(metric), "epoch": saved.get("epoch")} if isinstance(metric, (int, float)) else {}
 
     def checkpoint(self, epoch: int, flags: Mapping[str, Any], metric: float | None,
                    weights: dict[str, torch.Tensor] | None = None, step: int | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from .run_folder import LOCK_NAME, RunLock, open_run_folder
 from .run_setup import RunEnv, build_teacher, data_config, load_training_data, log_left_out, start_run, val_identity
 from .stop import RunStopped, StopSignals, StopVote
 from .student import StudentContext, StudentRun
-from .teachers.cache import open_cache, stream_description, teacher_description
+from .teachers.cache import file_digest, open_cache, stream_description, teacher_description
 from .teachers.live import FrozenTeacher
 
 log = logging.getLogger("vanillakd")
@@ -140,7 +140,7 @@ def _prepare(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
     distillers = [] if cached else [s.kd_loss for s in cfg.students if s.uses_teacher]
     teacher, teacher_shapes = build_teacher(cfg, distillers, num_classes, device, data_cfg, train_split.classes)
     train_loader, eval_loader, steps = _loaders(cfg, env, train_split, val_split, num_classes, data_cfg)
-    record = run_record(train_split.classes, train_split.identity(), info.world_size)
+    record = run_record(train_split.classes, train_split.identity(), info.world_size, _teacher_digest(cfg))
     ctx = StudentContext(device, env.precision, num_classes, -(-steps // cfg.optim.grad_accum_steps),
                          tuple(data_cfg["input_size"]), len(train_split.dataset), teacher_shapes, info, loss_kind)
     for i, s in enumerate(cfg.students):
@@ -161,6 +161,12 @@ def _prepare(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
     return FitPlan(cfg, info, env.precision, students, teacher, train_loader, eval_loader, start_epoch, start_step,
                    teacher_val=_teacher_val(cfg, env, teacher, eval_loader, val_split, cached),
                    external=ExternalLoggers(cfg, run_dir, enabled=info.primary))
+
+
+def _teacher_digest(cfg: RunConfig) -> str | None:
+    """The ``--teacher-pretrained`` file's digest, which resume compares (the file may move, not change)."""
+    weights = cfg.teacher.weights
+    return file_digest(weights) if cfg.uses_teacher and weights and Path(weights).is_file() else None
 
 
 def _loaders(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: SplitDataset, num_classes: int,
@@ -335,4 +341,7 @@ def _resume(cfg: RunConfig, students: list[StudentRun], streaming: bool = False)
         set_rng_state(rng)
     epoch, step = positions[0]
     log.info(f"continuing at epoch {epoch}" + (f", step {step}" if step else ""))
+    if epoch >= students[0].num_epochs:
+        log.warning(f"--resume: the run has already trained {epoch} epochs and this one has "
+                    f"{students[0].num_epochs}: nothing is left to train (a later --epochs continues it)")
     return epoch, step

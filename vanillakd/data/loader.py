@@ -6,7 +6,9 @@ which timm's loader refuses.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -167,20 +169,36 @@ def start_workers(loader: Any) -> None:
 
 
 class _WorkerIgnoresStopSignals:
-    """A worker_init_fn that makes a DataLoader worker ignore SIGTERM and SIGINT, then runs the loader's own.
+    """A worker_init_fn that keeps a DataLoader worker alive through the SIGINT / SIGTERM meant for the run,
+    then runs the loader's own.
 
     Ctrl-C reaches every process of the terminal's group and a batch system's SIGTERM every process of the job:
     a worker that died on it would take the run down before the main process could save where it was (the
-    main process stops on them itself, and ends its workers as usual)."""
+    main process stops on them itself). SIGINT is ignored. SIGTERM cannot simply be ignored: the main process
+    ends its workers with SIGTERM (multiprocessing's terminate, e.g. when it exits on an error), and a worker
+    ignoring that would leave it waiting for ever. So SIGTERM is blocked and a thread takes each one: from the
+    parent it ends the worker, from anyone else it is dropped (torch's own worker handler tells the two apart
+    the same way)."""
 
     def __init__(self, inner: Callable[[int], None] | None):
         self.inner = inner
 
     def __call__(self, worker_id: int) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere the worker keeps torch's handling
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True,
+                             name="sigterm-from-parent").start()
         if self.inner is not None:
             self.inner(worker_id)
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)  # as torch's worker does on its parent's SIGTERM
 
 
 def workers_ignore_stop_signals(loader: Any) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_file
 from ..errors import UserError
 from ..models import _create, check_model_name
 from ..resume_check import class_change
@@ -145,10 +146,13 @@ def create_teacher(name: str, num_classes: int, weights: str | None, resize: int
 def check_file_classes(path: str | os.PathLike, classes: Sequence[str]) -> None:
     """A teacher file that records its class list must have been trained on the data's classes, in the same
     order: a renamed or reordered class would silently permute what the teacher teaches."""
-    try:  # memory-mapped: only the small entries are read; a file this cannot open is checked by the real load
+    try:  # memory-mapped: only the small entries are read
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_weights, with its reason
-        return
+    except Exception:  # noqa: BLE001 - torch's legacy format cannot be mapped: read it whole
+        try:
+            ckpt = load_file(path)
+        except UserError:
+            return  # a file that cannot be read is reported by load_weights, with its reason
     saved = ckpt.get("classes") if isinstance(ckpt, Mapping) else None
     if isinstance(saved, list) and saved and all(isinstance(c, str) for c in saved):
         change = class_change(saved, classes)
