@@ -296,3 +296,23 @@ def test_an_input_mode_other_than_rgb_is_refused_by_the_device_pipeline(tmp_path
     assert x.shape == (4, 1, 32, 32)
     with pytest.raises(UserError, match="image mode L .*use --data-pipeline cpu"):
         build_train_loader(split.dataset, CONFIG, _flags("gpu", "-b", "4"), 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 500, b"ftyp mp4 video after the image " * 40])
+def test_data_after_the_end_marker_is_not_truncation(tmp_path, tail):
+    """A phone's motion photo appends a video to the JPEG, other writers long padding: PIL decodes both, so
+    the scan must pass them; a file cut inside its scan still fails."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vanillakd.data.check import image_problem
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    good.write_bytes(buf.getvalue() + tail)
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2] + tail.replace(b"\xff\xd9", b""))
+    assert image_problem(str(good)) is None
+    Image.open(good).convert("RGB")  # PIL agrees
+    assert image_problem(str(cut)) == "truncated JPEG (no end-of-image marker)"

@@ -196,3 +196,20 @@ def test_compare_grid_is_read_safely_and_parsed_as_compare_flags(tmp_path):
     grid.write_text(head + "methods: kd\nfractions: [0.5]\nseeds: [3]\n")
     g, _ = load_grid(["-c", str(grid), "--seeds", "5"])
     assert g["methods"] == ["kd"] and g["fractions"] == [0.5] and g["seeds"] == [5]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("~: 2\n", "keys are flag names, got None"),
+    ("[" * 5000, "nests too deeply"),
+    ("kd-loss: [dkd]\nkd_loss: [kd]\n", "is given twice (as '-' and '_' spellings)"),
+])
+def test_null_keys_deep_nesting_and_two_spellings_are_one_line(config, text, message):
+    assert message in config_error(config(text) + BASE)
+
+
+@pytest.mark.parametrize("text", ["seeds: null\n", "fractions: []\n", "output: null\n"])
+def test_compare_grid_keys_without_a_value_are_refused(tmp_path, text):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    with pytest.raises(UserError, match="has no value"):
+        load_grid([str(tmp_path), "-c", str(grid)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 import pytest
 
@@ -217,3 +218,37 @@ def test_one_input_channel_gets_a_one_channel_data_config(caplog):
     assert cfg.data.in_chans == 1 and data_config(cfg, "test_resnet")["mean"] == (0.3,)
     assert data_config(parse_run_config(BASE + ["--in-chans", "4", "--input-img-mode", "RGBA", "--mean", "0.5",
                                                 "--std", "0.25"]), "test_resnet")["std"] == (0.25,) * 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--aa", "bogus"], "--aa bogus: not an augmentation policy timm reads"),
+    (["--aa", "rand-m9-w0"], "not an augmentation policy"),
+    (["--opt", "bogus"], "--opt bogus: not an optimizer timm knows"),
+    (["--opt", "adamw", "--opt-betas", "0.9"], "--opt-betas takes 2 values"),
+    (["--in-chans", "1", "--input-img-mode", "P"], "--input-img-mode P: images in this mode cannot be augmented"),
+    (["--initial-checkpoint", "/nonexistent.pth"], "--initial-checkpoint /nonexistent.pth does not exist"),
+    (["--teacher-pretrained", "/nonexistent.pth"], "--teacher-pretrained /nonexistent.pth does not exist"),
+])
+def test_names_and_files_are_checked_before_the_data_is_read(extra, message):
+    """The data folder does not exist: these errors come first, before minutes of listing and scanning."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_run_config(["/nonexistent-data", "--model", "test_resnet", "--teacher", "test_resnet", *extra])
+
+
+def test_legitimate_names_still_parse():
+    for extra in (["--opt", "lookahead_adamw"], ["--opt", "AdamW"], ["--aa", "rand-m9-mstd0.5-inc1"],
+                  ["--aa", "augmix-m5-w4-d2"], ["--opt", "adan", "--opt-betas", "0.98", "0.92", "0.99"]):
+        parse_run_config(["/nonexistent-data", "--model", "test_resnet", *extra])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mean", "0.5", "0.5"], "--mean / --std must hold 1 value or one per input channel"),
+    (["--in-chans", "1", "--input-size", "3", "32", "32"], "disagree on the number of input channels"),
+    (["--in-chans", "3", "--input-img-mode", "L"], "--input-img-mode L gives 1 channel(s) but the input has 3"),
+])
+def test_validate_checks_channels_as_training_does(tiny_data, teacher_ckpt, capsys, extra, message):
+    from conftest import run_cli
+    code = run_cli(validate.cli, [tiny_data, "--model", "test_resnet", "--checkpoint", teacher_ckpt,
+                                  "--num-classes", "3", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), err[-3:]

@@ -323,6 +323,9 @@ def test_cache_teacher_refusals(full_cache, tmp_path, capsys):
     line = refusal(capsys, cache_teacher.main, argv + ["--kd-loss", "none", "--cache-dir", tmp_path / "c1"])
     assert "--kd-loss none" in line and "nothing to cache" in line, line
     assert not (tmp_path / "c1").exists()
+    line = refusal(capsys, cache_teacher.main, argv + ["--kd-loss", "crd", "--cache-dir", tmp_path / "c2"])
+    assert "--kd-loss crd needs the teacher's features" in line, line
+    assert not (tmp_path / "c2").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "data.txt").write_text("keep me")
     line = refusal(capsys, cache_teacher.main, argv + ["--cache-dir", tmp_path / "busy"])

@@ -282,7 +282,10 @@ def _stopped_line(plan: FitPlan, signum: int, where: str, saved: Path | None) ->
         how = "run the same command with --resume auto"
     else:
         how = f"run the same command with --resume {run_dir}"
-    what = f"saved {saved}" if saved is not None else f"checkpoints in {run_dir}"
+    if saved is None:
+        what = f"checkpoints in {run_dir}"
+    else:
+        what = f"saved {saved}" if len(plan.students) == 1 else f"saved each student's {saved.name} in {run_dir}"
     return f"stopped by {signal_name(signum)} after {where} ({what}); to continue, {how}"
 
 

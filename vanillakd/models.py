@@ -36,6 +36,9 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # e.g. a drop_path_rate the architecture does not take
         raise UserError(f"cannot build {name}: {e}") from None
+    except AssertionError as e:  # timm asserts on some arguments, e.g. an unknown --gp pool type
+        raise UserError(f"cannot build {name} with these flags: {str(e).strip() or 'an argument it refuses'}"
+                        + (f" (--gp {kwargs['global_pool']})" if kwargs.get("global_pool") else "")) from None
     except (OSError, RuntimeError) as e:
         if pretrained:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""

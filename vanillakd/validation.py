@@ -205,7 +205,12 @@ def eval_data_config(c: ValidateConfig, file_data: dict, model) -> dict:
                                         "interpolation", "in_chans")}
     base = dict(getattr(model, "pretrained_cfg", None) or {})
     base.update({k: tuple(v) if isinstance(v, list) else v for k, v in file_data.items()})
-    return resolve_data_config(flags, pretrained_cfg=base, model=model)
+    try:
+        return resolve_data_config(flags, pretrained_cfg=base, model=model)
+    except AssertionError:  # timm asserts that --mean / --std match the model's channels
+        channels = getattr(model, "pretrained_cfg", {}).get("input_size", (c.in_chans or 3,))[0]
+        raise UserError(f"--mean / --std must hold 1 value or one per input channel of the model ({channels})"
+                        ) from None
 
 
 def _check_classes(c: ValidateConfig, ckpt: object, data_classes: Sequence[str]) -> None:

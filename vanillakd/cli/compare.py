@@ -64,6 +64,9 @@ def grid_values(parser: argparse.ArgumentParser, path: str) -> dict:
     only shape-checked here: the tool names the methods it cannot run, and train-kd parses the recipe."""
     what = f"--config {path}"
     cfg = load_yaml_mapping(path, what)
+    empty = next((k for k, v in cfg.items() if v is None or v == []), None)
+    if empty is not None:  # compare's flags default to None only so the file can give them: null gives nothing
+        raise UserError(f"{what}: {empty} has no value (leave the key out for the tool's default)")
     own = {a.dest for a in parser._actions} - {"help", "config", "methods"}
     values = config_values(parser, {k: v for k, v in cfg.items() if k.replace("-", "_") in own}, what)
     methods, recipe = cfg.get("methods"), cfg.get("recipe")

@@ -67,13 +67,15 @@ def load_yaml_mapping(path: str, what: str) -> dict:
         cfg = yaml.load(data, Loader=_FlagFileLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise UserError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # thousands of nested brackets: no flag file nests
+        raise UserError(f"{what} nests too deeply to be a flag file") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
         raise UserError(f"{what} must be a mapping of flag names to values, got a {type(cfg).__name__}")
-    bad = next((k for k in cfg if not isinstance(k, str)), None)
-    if bad is not None:
-        raise UserError(f"{what}: keys are flag names, got {bad!r}")
+    bad = [k for k in cfg if not isinstance(k, str)]
+    if bad:  # a list, not next(..., None): a null key is itself None
+        raise UserError(f"{what}: keys are flag names, got {bad[0]!r}")
     return cfg
 
 
@@ -189,5 +191,7 @@ def config_values(parser: argparse.ArgumentParser, cfg: Mapping[str, Any], what:
             continue
         if dest not in actions or dest == "config":
             raise UserError(f"{what}: unknown key {key!r}")
+        if dest in values:  # 'kd-loss' and 'kd_loss' name one flag: which one would win is not for us to guess
+            raise UserError(f"{what}: the flag {key!r} is given twice (as '-' and '_' spellings)")
         values[dest] = _one_value(parser, actions[dest], key, value, f"{what}: bad value for {key}: ")
     return values

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -99,7 +100,43 @@ def input_channels(d: DataConfig) -> int | None:
     return d.input_size[0] if d.input_size else d.in_chans
 
 
-def _check_channels(d: DataConfig) -> None:
+# 8-bit modes timm's transforms handle (P, 1, I, F, I;16 stop them at the first batch)
+TRAINABLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Names and files that would otherwise fail only after the data is listed (minutes on a large folder)."""
+    from timm.optim import get_optimizer_class
+    for s in cfg.students:
+        name = s.opt.lower()
+        try:  # timm's create_optimizer_v2 takes 'lookahead_<name>' too
+            get_optimizer_class(name.split("_", 1)[1] if name.startswith("lookahead_") else name)
+        except Exception:  # noqa: BLE001 - timm raises ValueError or AssertionError, by version
+            raise UserError(f"--opt {s.opt}: not an optimizer timm knows (e.g. sgd, adamw, lamb, lion)") from None
+    betas = cfg.optim.opt_betas
+    if betas is not None and len(betas) not in (2, 3):
+        raise UserError(f"--opt-betas takes 2 values (3 for adan), got {len(betas)}")
+    for flag, path, kind in (("--teacher-pretrained", cfg.teacher.weights if cfg.uses_teacher else None, "file"),
+                             ("--initial-checkpoint", cfg.model.initial_checkpoint, "file"),
+                             ("--class-map", cfg.data.class_map, "file"),
+                             ("--teacher-cache", cfg.teacher.cache if cfg.uses_teacher else None, "dir")):
+        if path and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
+            raise UserError(f"{flag} {path} " + ("does not exist" if not Path(path).exists() else
+                                                 f"is not a {'folder' if kind == 'dir' else 'file'}"))
+    if cfg.aug.aa and not cfg.aug.no_aug:
+        _check_auto_augment(cfg.aug.aa)
+
+
+def _check_auto_augment(aa: str) -> None:
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=aa)
+    except Exception as e:  # noqa: BLE001 - timm's parsers assert or raise KeyError / ValueError
+        raise UserError(f"--aa {aa}: not an augmentation policy timm reads (e.g. rand-m9-mstd0.5, augmix-m5, "
+                        f"original, v0; {str(e).strip() or type(e).__name__})") from None
+
+
+def check_channels(d: DataConfig | argparse.Namespace) -> None:
     """--mean / --std: 1 value or one per input channel; the image mode must give that many channels."""
     channels = input_channels(d)
     where = ("--input-size " + " ".join(map(str, d.input_size)) if d.input_size else f"--in-chans {d.in_chans}") \
@@ -114,6 +151,9 @@ def _check_channels(d: DataConfig) -> None:
         bands = Image.getmodebands(mode)
     except (KeyError, ValueError):
         raise UserError(f"--input-img-mode {mode}: not a PIL image mode (e.g. RGB, L, RGBA)") from None
+    if mode not in TRAINABLE_MODES:  # PIL has them, but timm's transforms cannot turn them into tensors
+        raise UserError(f"--input-img-mode {mode}: images in this mode cannot be augmented and normalised; use one "
+                        f"of {', '.join(sorted(TRAINABLE_MODES))}")
     if bands != count:
         raise UserError(f"--input-img-mode {mode} gives {bands} channel(s) but the input has {count} ({where}): "
                         "give --input-img-mode with as many bands (L: 1, RGB: 3, RGBA: 4)")
@@ -135,7 +175,8 @@ def check_run_config(cfg: RunConfig) -> None:
     if not cfg.checkpoint.resume and start and start >= total:
         raise UserError(f"--start-epoch {start} leaves nothing to train: the run has {total} epochs")
     _check_ranges(cfg)
-    _check_channels(cfg.data)
+    check_channels(cfg.data)
+    _check_names(cfg)
 
 
 def parse_run_config(argv: Sequence[str] | None, prog: str = "train-kd.py", default_loss: str = "kd",

@@ -8,7 +8,17 @@ from collections.abc import Sequence
 
 from ..errors import run_cli
 from ..validation import ValidateConfig, check_results_file, validate, write_results
-from .train_args import INTERPOLATIONS, _Parser, add_dataset_flags, count, finite, fraction, pos_float, pos_int
+from .train_args import (
+    INTERPOLATIONS,
+    _Parser,
+    add_dataset_flags,
+    count,
+    finite,
+    fraction,
+    pos_float,
+    pos_int,
+    resolve_in_chans,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +73,10 @@ def config_from_args(args: argparse.Namespace) -> ValidateConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .run_config import check_channels
+    resolve_in_chans(args)
+    if args.in_chans or args.input_size:  # else the channels come from the checkpoint, checked when it is read
+        check_channels(args)  # --mean / --std / --input-img-mode against them, as training checks them
     from ..outputs import setup_console_logging
     log = setup_console_logging()
     if args.results_file:

@@ -31,11 +31,52 @@ def image_problem(path: str) -> str | None:
             tail = f.read()
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    if fmt == "JPEG" and b"\xff\xd9" not in tail.rstrip(b"\x00"):
+    if fmt == "JPEG" and b"\xff\xd9" not in tail.rstrip(b"\x00") and not jpeg_has_end(path):
         return "truncated JPEG (no end-of-image marker)"
     if fmt == "PNG" and _PNG_END not in tail:
         return "truncated PNG (no IEND chunk)"
     return None
+
+
+def _main_scan_start(f) -> int | None:
+    """The offset of a JPEG's first top-level start-of-scan, walking the segments from the start (so markers
+    inside an EXIF thumbnail are not mistaken for the image's); None if the header is malformed."""
+    f.seek(2)
+    while True:
+        head = f.read(4)
+        if len(head) < 2 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # fill byte
+            f.seek(-3, os.SEEK_CUR)
+            continue
+        if marker == 0xDA:
+            return f.tell() - 4
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            f.seek(-2, os.SEEK_CUR)
+            continue
+        if len(head) < 4:
+            return None
+        f.seek(int.from_bytes(head[2:4], "big") - 2, os.SEEK_CUR)
+
+
+def jpeg_has_end(path: str, chunk: int = 1 << 20) -> bool:
+    """Whether an end-of-image marker follows the JPEG's main scan anywhere: data after it (a phone's motion
+    photo appends a video) or long zero padding is fine. Only read for files whose last bytes hold no marker."""
+    try:
+        with open(path, "rb") as f:
+            start = _main_scan_start(f)
+            if start is None:
+                return False
+            f.seek(start + 2)
+            carry = b""
+            while block := f.read(chunk):
+                if b"\xff\xd9" in carry + block:
+                    return True
+                carry = block[-1:]
+    except OSError:
+        return False
+    return False
 
 
 def _check(path: str) -> tuple[str, str | None]:

@@ -156,7 +156,8 @@ def read_payload(path: str) -> tuple[tuple[str, torch.Tensor], tuple[int, int]]:
 
 
 def _has_end_marker(data: bytes) -> bool:
-    return b"\xff\xd9" in data[-64:].rstrip(b"\x00")  # as check.py's scan: padding may follow the marker
+    """As check.py's scan: padding may follow the marker; otherwise the file goes through PIL."""
+    return b"\xff\xd9" in data[-64:].rstrip(b"\x00")
 
 
 def _check_size(h: int, w: int) -> None:

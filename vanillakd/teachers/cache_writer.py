@@ -22,6 +22,7 @@ from ..data.loader import build_eval_loader, build_train_loader, set_epoch
 from ..distributed import teardown
 from ..engine import Progress, evaluate
 from ..errors import UserError
+from ..losses import get_kd_loss_entry
 from ..run_setup import RunEnv, build_teacher, data_config, load_training_data, log_left_out, start_run, val_identity
 from ..student import build_scheduler
 from .cache import (
@@ -68,6 +69,10 @@ def write_cache(cfg: RunConfig) -> dict:
         raise ValueError("write_cache needs a config with a cache section (--cache-dir)")
     if not cfg.uses_teacher:
         raise UserError("--kd-loss none trains without a teacher: there is nothing to cache")
+    feature = [s.kd_loss for s in cfg.students if s.uses_teacher and get_kd_loss_entry(s.kd_loss).uses_features]
+    if feature:
+        raise UserError(f"--kd-loss {feature[0]} needs the teacher's features at every step: the cache holds its "
+                        "logits only (cache for a logit method: kd, bkd, dkd, dist)")
     cfg, env = start_run(cfg)
     info = env.info
     train_split, val_split, num_classes = load_training_data(cfg)
