@@ -227,7 +227,8 @@ def test_one_input_channel_gets_a_one_channel_data_config(caplog):
     (["--opt", "adamw", "--opt-betas", "0.9"], "--opt-betas takes 2 values"),
     (["--in-chans", "1", "--input-img-mode", "P"], "--input-img-mode P: images in this mode cannot be augmented"),
     (["--initial-checkpoint", "/nonexistent.pth"], "--initial-checkpoint /nonexistent.pth does not exist"),
-    (["--teacher-pretrained", "/nonexistent.pth"], "--teacher-pretrained /nonexistent.pth does not exist"),
+    (["--teacher-pretrained", "/nonexistent.pth"], "--teacher-pretrained: teacher checkpoint /nonexistent.pth does "
+                                                   "not exist"),
 ])
 def test_names_and_files_are_checked_before_the_data_is_read(extra, message):
     """The data folder does not exist: these errors come first, before minutes of listing and scanning."""

@@ -116,7 +116,8 @@ def _check_names(cfg: RunConfig) -> None:
     betas = cfg.optim.opt_betas
     if betas is not None and len(betas) not in (2, 3):
         raise UserError(f"--opt-betas takes 2 values (3 for adan), got {len(betas)}")
-    for flag, path, kind in (("--teacher-pretrained", cfg.teacher.weights if cfg.uses_teacher else None, "file"),
+    for flag, path, kind in (("--teacher-pretrained: teacher checkpoint",
+                              cfg.teacher.weights if cfg.uses_teacher else None, "file"),
                              ("--initial-checkpoint", cfg.model.initial_checkpoint, "file"),
                              ("--class-map", cfg.data.class_map, "file"),
                              ("--teacher-cache", cfg.teacher.cache if cfg.uses_teacher else None, "dir")):
