@@ -32,15 +32,6 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def unique_dir(root: str | os.PathLike, name: str) -> Path:
-    """``root/name``, or ``root/name-1``, ``-2`` ... when taken, so that no earlier run is overwritten."""
-    path, i = Path(root) / name, 0
-    while path.exists():
-        i += 1
-        path = Path(root) / f"{name}-{i}"
-    return path
-
-
 def writes_to(logger: logging.Logger, path: Path) -> bool:
     """Whether ``logger`` already has a file handler on ``path`` (one handler per destination)."""
     target = os.path.abspath(path)
