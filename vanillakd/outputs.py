@@ -20,18 +20,6 @@ LOG_FORMAT = "%(asctime)s %(message)s"
 _EPOCH_FILE = re.compile(r"checkpoint-(\d+)\.pth\.tar")
 
 
-def make_output_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output dir {path} is not writable: {e.strerror or e}") from None
-    return path
-
-
 def writes_to(logger: logging.Logger, path: Path) -> bool:
     """Whether ``logger`` already has a file handler on ``path`` (one handler per destination)."""
     target = os.path.abspath(path)

@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from .checkpoint import load_file, load_state_strict, plain, rng_state
+from .checkpoint import load_file, load_state_strict, plain, rng_state, writable_folder
 from .config import NO_KD, RunConfig, ScheduleConfig, StudentSetting
 from .distributed import DistInfo, all_reduce_mean
 from .errors import UserError
@@ -24,7 +24,7 @@ from .features import FeatureModel, Features, FeatureShapes, probe_shapes, resiz
 from .losses import create_kd_loss_for, get_kd_loss_entry
 from .models import create_student
 from .objective import KDObjective, create_base_loss
-from .outputs import CheckpointWriter, Summary, add_log_file, make_output_dir, writes_to
+from .outputs import CheckpointWriter, Summary, add_log_file, writes_to
 from .precision import Precision
 from .speed import maybe_compile, optimizer_speed_kwargs
 
@@ -202,7 +202,7 @@ class StudentRun:
 
     def _build_outputs(self, out_dir: Path, higher: bool, info: DistInfo) -> None:
         # rank 0 alone writes; the others keep the same bookkeeping in memory
-        self.out_dir = make_output_dir(out_dir) if info.primary else Path(out_dir)
+        self.out_dir = writable_folder(out_dir, "output dir") if info.primary else Path(out_dir)
         self.summary = Summary(self.out_dir / "summary.csv", write=info.primary)
         self.saver = CheckpointWriter(self.out_dir, higher, write=info.primary)
         self.ema_savers = [CheckpointWriter(self.out_dir, higher, write=info.primary) for _ in self.emas]

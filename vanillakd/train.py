@@ -28,7 +28,7 @@ from .external_log import ExternalLoggers
 from .losses import get_kd_loss_entry
 from .outputs import add_log_file, write_args
 from .resume_check import check_resume, run_record
-from .run_folder import LOCK_NAME, RunLock, open_run_folder
+from .run_folder import CHECKPOINT_GLOBS, LOCK_NAME, RunLock, open_run_folder
 from .run_setup import RunEnv, build_teacher, data_config, load_training_data, log_left_out, start_run, val_identity
 from .stop import RunStopped, StopSignals, StopVote
 from .student import StudentContext, StudentRun
@@ -149,7 +149,8 @@ def _prepare(cfg: RunConfig, env: RunEnv, train_split: SplitDataset, val_split: 
         students[-1].meta = {"data_config": plain(data_cfg), **record}
     _say_ema_not_evaluated(students, device)
     if cached:
-        teacher = _open_teacher_cache(cfg, env, data_cfg, train_split, steps, num_classes, students[0].num_epochs)
+        teacher = _open_teacher_cache(cfg, env, data_cfg, train_split, record["data_digest"], steps, num_classes,
+                                      students[0].num_epochs)
     start_epoch, start_step = _start_point(cfg, students, train_split.streaming)
     _write_args_files(cfg, students, run_dir, len(train_split.dataset), info)
     log.info(f"training {len(students)} student(s) for {students[0].num_epochs} epochs of {steps} steps, batch "
@@ -196,10 +197,11 @@ def _say_ema_not_evaluated(students: list[StudentRun], device: torch.device) -> 
                  "--model ARCH --checkpoint RUN/last.pth.tar --use-ema` evaluates them")
 
 
-def _open_teacher_cache(cfg: RunConfig, env: RunEnv, data_cfg: dict, train_split: SplitDataset, steps: int,
-                        num_classes: int, num_epochs: int):
+def _open_teacher_cache(cfg: RunConfig, env: RunEnv, data_cfg: dict, train_split: SplitDataset, train_files: str,
+                        steps: int, num_classes: int, num_epochs: int):
+    """The teacher cache for this run's stream (``train_files``: the training split's identity, computed once)."""
     info = env.info
-    stream = stream_description(cfg.flags, data_cfg, train_split.identity(), len(train_split.dataset),
+    stream = stream_description(cfg.flags, data_cfg, train_files, len(train_split.dataset),
                                 info.world_size, steps, num_classes, train_split.streaming)
     teacher = open_cache(cfg.teacher.cache, stream, teacher_description(cfg.teacher), num_epochs, info.rank,
                          env.device, explicit_weights=bool(cfg.teacher.weights))
@@ -280,8 +282,7 @@ def _finish(st: StudentRun, cfg: RunConfig, info: DistInfo, seconds: float) -> d
 
 
 def _checkpoint_candidates(folder: Path) -> list[Path]:
-    return [p for p in [folder / "last.pth.tar", folder / "recovery.pth.tar",
-                        *folder.glob("checkpoint-*.pth.tar")] if p.is_file()]
+    return [p for pattern in CHECKPOINT_GLOBS for p in folder.glob(pattern) if p.is_file()]
 
 
 def _position(ckpt: dict) -> tuple[int, float]:

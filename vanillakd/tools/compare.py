@@ -26,6 +26,7 @@ import yaml
 from ..checkpoint import atomic_write_text, writable_folder
 from ..config import NO_KD
 from ..errors import UserError
+from ..teachers.cache import file_digest as bytes_digest
 from .report import (
     PLOTS_HINT,
     RESULT_FIELDS,
@@ -116,14 +117,10 @@ def build_grid(flags: Mapping[str, Any], recipe: Sequence[str] = ()) -> tuple[di
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (of the text itself where ``path`` is not a file)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return bytes_digest(path)
     except OSError:
         return "not-a-file:" + hashlib.sha256(str(path).encode()).hexdigest()
-    return h.hexdigest()
 
 
 def folder_digest(root: str | os.PathLike) -> dict:
